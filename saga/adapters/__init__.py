@@ -1,0 +1,1 @@
+"""Adapters for the runtime's ports: Kafka (aiokafka), in-memory, and OpenTelemetry."""

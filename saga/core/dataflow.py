@@ -1,0 +1,106 @@
+"""How a step's input is built from the saga input and earlier steps' outputs.
+
+A step's ``input`` is a template: any JSON value in which a string that starts with ``$.`` is a
+reference, resolved when the step starts. Everything else is a literal.
+
+    ``$.input``                    the whole saga input
+    ``$.input.order.total``        a path into it (dict keys, or list indexes as digits)
+    ``$.steps.payment.output.id``  a path into the output of step ``payment``
+    ``$.saga_id``                  the saga's id
+
+A template of ``None`` (the default) passes the saga input unchanged. References are checked
+when the definition loads (`references`), so a typo fails early, and resolved purely here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ResolveError", "references", "render"]
+
+_PREFIX = "$."
+
+
+class ResolveError(Exception):
+    """A reference in an input template could not be resolved against the saga's data."""
+
+
+def references(template: Any) -> list[tuple[str, str]]:
+    """Lists the references in a template as ``(root, rest)`` pairs.
+
+    ``root`` is ``input``, ``saga_id`` or ``steps.<name>``; ``rest`` is the remaining dotted
+    path. An unrecognised root is returned as it is, so the caller can report it.
+    """
+    found: list[tuple[str, str]] = []
+    stack = [template]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str) and value.startswith(_PREFIX):
+            parts = value[len(_PREFIX) :].split(".")
+            if parts[0] == "steps" and len(parts) >= 2:
+                found.append((f"steps.{parts[1]}", ".".join(parts[2:])))
+            else:
+                found.append((parts[0], ".".join(parts[1:])))
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return found
+
+
+def render(
+    template: Any,
+    *,
+    saga_id: str,
+    saga_input: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+) -> Any:
+    """Resolves every reference in ``template``.
+
+    Raises:
+        ResolveError: A path does not exist in the data (the message names the path).
+    """
+    if template is None:
+        return dict(saga_input)
+    if isinstance(template, str) and template.startswith(_PREFIX):
+        return _lookup(template, saga_id, saga_input, outputs)
+    if isinstance(template, Mapping):
+        return {
+            k: render(v, saga_id=saga_id, saga_input=saga_input, outputs=outputs)
+            for k, v in template.items()
+        }
+    if isinstance(template, list | tuple):
+        return [
+            render(v, saga_id=saga_id, saga_input=saga_input, outputs=outputs) for v in template
+        ]
+    return template
+
+
+def _lookup(
+    ref: str, saga_id: str, saga_input: Mapping[str, Any], outputs: Mapping[str, Any]
+) -> Any:
+    parts = ref[len(_PREFIX) :].split(".")
+    root = parts[0]
+    if root == "saga_id" and len(parts) == 1:
+        return saga_id
+    if root == "input":
+        value: Any = saga_input
+        path = parts[1:]
+    elif root == "steps" and len(parts) >= 3 and parts[2] == "output":
+        if parts[1] not in outputs:
+            raise ResolveError(f"{ref}: step {parts[1]!r} has no output yet")
+        value = outputs[parts[1]]
+        path = parts[3:]
+    else:
+        raise ResolveError(
+            f"{ref}: unknown reference (use $.input, $.steps.NAME.output or $.saga_id)"
+        )
+    for key in path:
+        if isinstance(value, Mapping) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            raise ResolveError(f"{ref}: no {key!r} in the data")
+    return value

@@ -1,0 +1,366 @@
+"""The messages on the wire and in the log: frozen, strict pydantic models.
+
+Every message carries ``v``, its schema version, and a literal ``type`` so that a topic's
+messages form one discriminated union, decoded by one module-level `TypeAdapter`. Unknown fields
+are rejected. Times are seconds since the epoch (floats): they are what the clock port returns,
+cheap to encode, and `saga replay` renders them for people.
+
+Topics and what they hold (see DESIGN section 3):
+
+- requests: `StartSaga`, `CancelSaga`, `RetrySaga`
+- commands.<service>: `Command`
+- replies: `Reply`
+- log: the `Event` union
+- snapshots: `Snapshot` (and `Checkpoint`, one per partition)
+- alerts: `Alert`
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Alert",
+    "CancelRejected",
+    "CancelSaga",
+    "Checkpoint",
+    "Command",
+    "CompensationRetryScheduled",
+    "CompensationStarted",
+    "CompensationSucceeded",
+    "ErrorInfo",
+    "Event",
+    "EventBase",
+    "Phase",
+    "Reply",
+    "Request",
+    "RetrySaga",
+    "SagaAborted",
+    "SagaCompensated",
+    "SagaCompleted",
+    "SagaResumed",
+    "SagaStarted",
+    "SagaStuck",
+    "Snapshot",
+    "StartSaga",
+    "StepFailedEvent",
+    "StepRetryScheduled",
+    "StepStarted",
+    "StepStuck",
+    "StepSucceeded",
+    "StepTimedOut",
+    "event_adapter",
+    "request_adapter",
+]
+
+SCHEMA_VERSION = 1
+"""The schema version written by this release. Readers accept every version they know."""
+
+Phase = Literal["action", "compensation"]
+"""Whether a command or reply concerns a step's action or its compensation."""
+
+JsonObject = dict[str, Any]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    """Schema version of this message."""
+
+
+class ErrorInfo(_Message):
+    """What went wrong in a step, as reported by a participant or the coordinator."""
+
+    type: str
+    """Exception type name, ``StepFailed`` for business failures, ``Timeout`` for deadlines."""
+    message: str
+    """Human-readable reason."""
+    business: bool = False
+    """True for a business failure (not retried)."""
+    details: JsonObject = Field(default_factory=dict)
+    """Structured data the participant attached."""
+
+
+# -- requests (clients -> coordinator) ------------------------------------------------------------
+
+
+class StartSaga(_Message):
+    """Asks the coordinator to start a saga. Starting an id twice starts it once."""
+
+    type: Literal["start"] = "start"
+    message_id: str
+    saga_id: str
+    saga_name: str
+    input: JsonObject
+    at: float
+
+
+class CancelSaga(_Message):
+    """Asks the coordinator to cancel a saga; honoured until its pivot starts."""
+
+    type: Literal["cancel"] = "cancel"
+    message_id: str
+    saga_id: str
+    reason: str = "cancelled by request"
+    at: float
+
+
+class RetrySaga(_Message):
+    """Operator command: run a stuck saga's stuck steps or compensations again."""
+
+    type: Literal["retry"] = "retry"
+    message_id: str
+    saga_id: str
+    at: float
+
+
+Request = Annotated[StartSaga | CancelSaga | RetrySaga, Field(discriminator="type")]
+request_adapter: TypeAdapter[StartSaga | CancelSaga | RetrySaga] = TypeAdapter(Request)
+
+
+# -- commands and replies -------------------------------------------------------------------------
+
+
+class Command(_Message):
+    """A step's action or compensation, sent to the service's command topic."""
+
+    type: Literal["command"] = "command"
+    message_id: str
+    saga_id: str
+    saga_name: str
+    saga_version: int
+    step: str
+    phase: Phase
+    action: str
+    """The handler name on the participant (the step's action or compensation)."""
+    attempt: int
+    idempotency_key: str
+    """Stable across attempts of the same step and phase; see `saga.core.decide`."""
+    payload: JsonObject
+    deadline_at: float
+    at: float
+
+
+class Reply(_Message):
+    """A participant's outcome for one command."""
+
+    type: Literal["reply"] = "reply"
+    message_id: str
+    saga_id: str
+    step: str
+    phase: Phase
+    attempt: int
+    service: str
+    ok: bool
+    output: JsonObject | None = None
+    error: ErrorInfo | None = None
+    at: float
+
+
+# -- events (the log) -----------------------------------------------------------------------------
+
+
+class EventBase(_Message):
+    """Fields every event has. ``seq`` numbers a saga's events from 1 without gaps."""
+
+    saga_id: str
+    seq: int = Field(ge=1)
+    at: float
+
+
+class SagaStarted(EventBase):
+    """A saga began with its input; the first event of every saga."""
+
+    type: Literal["saga_started"] = "saga_started"
+    name: str
+    version: int
+    input: JsonObject
+    steps: list[str]
+    """The definition's step names, all pending."""
+    trace_parent: str | None = None
+    """W3C traceparent of the request that started the saga: every later span joins it."""
+
+
+class StepStarted(EventBase):
+    """An attempt of a step's action was sent."""
+
+    type: Literal["step_started"] = "step_started"
+    step: str
+    attempt: int
+    deadline_at: float
+
+
+class StepSucceeded(EventBase):
+    """The step's action succeeded with an output."""
+
+    type: Literal["step_succeeded"] = "step_succeeded"
+    step: str
+    attempt: int
+    output: JsonObject
+
+
+class StepRetryScheduled(EventBase):
+    """An attempt failed technically (or timed out) and another is due at ``retry_at``."""
+
+    type: Literal["step_retry_scheduled"] = "step_retry_scheduled"
+    step: str
+    attempt: int
+    error: ErrorInfo
+    retry_at: float
+
+
+class StepFailedEvent(EventBase):
+    """The step failed for good and did not take effect (business failure, retries exhausted,
+    input could not be built, or retries abandoned because the saga is compensating)."""
+
+    type: Literal["step_failed"] = "step_failed"
+    step: str
+    attempt: int
+    error: ErrorInfo
+
+
+class StepTimedOut(EventBase):
+    """The step's last attempt missed its deadline: its outcome is unknown, so it will be
+    compensated (compensations must be safe when the action never happened)."""
+
+    type: Literal["step_timed_out"] = "step_timed_out"
+    step: str
+    attempt: int
+
+
+class StepStuck(EventBase):
+    """A step cannot go on without an operator: a compensation or a retriable step exhausted
+    its policy, or a pivot's outcome is unknown."""
+
+    type: Literal["step_stuck"] = "step_stuck"
+    step: str
+    phase: Phase
+    attempt: int
+    error: ErrorInfo
+
+
+class CompensationStarted(EventBase):
+    """An attempt of a step's compensation was sent."""
+
+    type: Literal["compensation_started"] = "compensation_started"
+    step: str
+    attempt: int
+    deadline_at: float
+
+
+class CompensationSucceeded(EventBase):
+    """The step's compensation succeeded: its effect is undone."""
+
+    type: Literal["compensation_succeeded"] = "compensation_succeeded"
+    step: str
+    attempt: int
+
+
+class CompensationRetryScheduled(EventBase):
+    """A compensation attempt failed and another is due at ``retry_at``."""
+
+    type: Literal["compensation_retry_scheduled"] = "compensation_retry_scheduled"
+    step: str
+    attempt: int
+    error: ErrorInfo
+    retry_at: float
+
+
+class SagaAborted(EventBase):
+    """The saga stopped going forward and began compensating."""
+
+    type: Literal["saga_aborted"] = "saga_aborted"
+    reason: str
+    step: str | None = None
+    """The step whose failure caused it, if any (``None`` for a cancel)."""
+
+
+class SagaCompleted(EventBase):
+    """Every step finished: the saga succeeded."""
+
+    type: Literal["saga_completed"] = "saga_completed"
+
+
+class SagaCompensated(EventBase):
+    """Every completed compensatable step was undone."""
+
+    type: Literal["saga_compensated"] = "saga_compensated"
+
+
+class SagaStuck(EventBase):
+    """Nothing more can happen without an operator (see `StepStuck`); an alert is raised."""
+
+    type: Literal["saga_stuck"] = "saga_stuck"
+    reason: str
+
+
+class SagaResumed(EventBase):
+    """An operator asked to retry a stuck saga; its stuck steps run again with fresh budgets."""
+
+    type: Literal["saga_resumed"] = "saga_resumed"
+    compensating: bool
+    """Whether the saga resumes its compensation (else it resumes going forward)."""
+
+
+class CancelRejected(EventBase):
+    """A cancel arrived too late (the pivot had started) or for a finished saga."""
+
+    type: Literal["cancel_rejected"] = "cancel_rejected"
+    reason: str
+
+
+Event = Annotated[
+    SagaStarted
+    | StepStarted
+    | StepSucceeded
+    | StepRetryScheduled
+    | StepFailedEvent
+    | StepTimedOut
+    | StepStuck
+    | CompensationStarted
+    | CompensationSucceeded
+    | CompensationRetryScheduled
+    | SagaAborted
+    | SagaCompleted
+    | SagaCompensated
+    | SagaStuck
+    | SagaResumed
+    | CancelRejected,
+    Field(discriminator="type"),
+]
+event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+# -- snapshots and alerts -------------------------------------------------------------------------
+
+
+class Snapshot(_Message):
+    """The latest state of one saga (the compacted snapshots topic, keyed by saga id)."""
+
+    type: Literal["snapshot"] = "snapshot"
+    saga_id: str
+    state: JsonObject
+    """`saga.core.state.SagaState` as data."""
+
+
+class Checkpoint(_Message):
+    """Per log partition: every event before ``log_offset`` is covered by the snapshots."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    partition: int
+    log_offset: int
+
+
+class Alert(_Message):
+    """Raised when a saga gets stuck; operators act with `saga retry` or `saga cancel`."""
+
+    type: Literal["alert"] = "alert"
+    saga_id: str
+    saga_name: str
+    reason: str
+    steps: list[str]
+    at: float

@@ -1,0 +1,338 @@
+"""A saga's state, and `evolve`: the only way it changes.
+
+Theory of operation
+-------------------
+A saga's state is a left fold of its events: ``state = evolve(evolve(None, e1), e2) ...``.
+The log is the source of truth; snapshots, status views and metrics are all such folds.
+
+Each step has a status, and each event that concerns a step moves it along one edge of
+`STEP_TRANSITIONS`, a table keyed by (event type, current status). The saga's own status moves
+along `SAGA_TRANSITIONS` likewise. The tables are the whole state machine: an event that has no
+edge from the current status raises `IllegalTransition` and changes nothing (state is immutable;
+`evolve` returns a new value). Events are numbered per saga (``seq``) without gaps, so a
+duplicate or a missing event is caught too.
+
+Step statuses, forward::
+
+    pending -> running -> succeeded
+                  |  ^
+                  v  |                 (technical failure or timeout, attempts left)
+               retrying
+    running -> failed      (did not take effect: business failure, retries exhausted)
+    running -> unknown     (last attempt timed out: may or may not have taken effect)
+    running -> stuck       (a pivot's outcome unknown, or a retriable step exhausted)
+
+and backward, once the saga is compensating::
+
+    succeeded | unknown -> compensating -> compensated
+                              |  ^
+                              v  |
+                     compensation_retrying
+    compensating -> stuck  (the compensation exhausted its policy)
+
+Saga statuses: ``running -> completed``; ``running -> compensating -> compensated``; either of
+``running`` and ``compensating`` -> ``stuck``; ``stuck`` -> ``running`` or ``compensating``
+again when an operator retries it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from saga.core.messages import (
+    CompensationRetryScheduled,
+    CompensationStarted,
+    CompensationSucceeded,
+    ErrorInfo,
+    EventBase,
+    Phase,
+    SagaAborted,
+    SagaCompensated,
+    SagaCompleted,
+    SagaResumed,
+    SagaStarted,
+    SagaStuck,
+    StepFailedEvent,
+    StepRetryScheduled,
+    StepStarted,
+    StepStuck,
+    StepSucceeded,
+    StepTimedOut,
+)
+from saga.errors import IllegalTransition
+
+__all__ = [
+    "FINAL_STATUSES",
+    "SAGA_TRANSITIONS",
+    "STEP_TRANSITIONS",
+    "SagaState",
+    "SagaStatus",
+    "StepState",
+    "StepStatus",
+    "evolve",
+]
+
+
+class StepStatus(StrEnum):
+    """Where one step is; see the module docstring for the edges."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    COMPENSATING = "compensating"
+    COMPENSATION_RETRYING = "compensation_retrying"
+    COMPENSATED = "compensated"
+    STUCK = "stuck"
+
+
+class SagaStatus(StrEnum):
+    """Where the saga is. ``completed``, ``compensated`` and ``stuck`` are final."""
+
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    COMPENSATED = "compensated"
+    STUCK = "stuck"
+
+
+FINAL_STATUSES = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK})
+"""Statuses in which nothing happens until an operator acts (``stuck``) or ever (the others)."""
+
+S = StepStatus
+STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
+    (StepStarted, S.PENDING): S.RUNNING,
+    (StepStarted, S.RETRYING): S.RUNNING,
+    (StepStarted, S.STUCK): S.RUNNING,  # an operator's retry
+    (StepSucceeded, S.RUNNING): S.SUCCEEDED,
+    (StepRetryScheduled, S.RUNNING): S.RETRYING,
+    (StepFailedEvent, S.PENDING): S.FAILED,  # its input could not be built
+    (StepFailedEvent, S.RUNNING): S.FAILED,
+    (StepFailedEvent, S.RETRYING): S.FAILED,  # retries abandoned: the saga is compensating
+    (StepTimedOut, S.RUNNING): S.UNKNOWN,
+    (StepTimedOut, S.RETRYING): S.UNKNOWN,  # abandoned after an attempt that timed out
+    (StepStuck, S.RUNNING): S.STUCK,
+    (StepStuck, S.COMPENSATING): S.STUCK,
+    (CompensationStarted, S.SUCCEEDED): S.COMPENSATING,
+    (CompensationStarted, S.UNKNOWN): S.COMPENSATING,
+    (CompensationStarted, S.COMPENSATION_RETRYING): S.COMPENSATING,
+    (CompensationStarted, S.STUCK): S.COMPENSATING,  # an operator's retry
+    (CompensationSucceeded, S.COMPENSATING): S.COMPENSATED,
+    (CompensationRetryScheduled, S.COMPENSATING): S.COMPENSATION_RETRYING,
+}
+"""(event type, step status before) -> step status after. Anything else is illegal."""
+
+G = SagaStatus
+SAGA_TRANSITIONS: dict[tuple[type[EventBase], SagaStatus | None], SagaStatus] = {
+    (SagaStarted, None): G.RUNNING,
+    (SagaAborted, G.RUNNING): G.COMPENSATING,
+    (SagaCompleted, G.RUNNING): G.COMPLETED,
+    (SagaCompensated, G.COMPENSATING): G.COMPENSATED,
+    (SagaStuck, G.RUNNING): G.STUCK,
+    (SagaStuck, G.COMPENSATING): G.STUCK,
+    (SagaResumed, G.STUCK): G.RUNNING,  # or COMPENSATING: see SagaResumed.compensating
+}
+"""(event type, saga status before) -> saga status after, for events that change it."""
+
+STEP_EVENTS_NEED = {
+    StepStarted: G.RUNNING,
+    CompensationStarted: G.COMPENSATING,
+}
+"""Step events that are legal only while the saga has one particular status."""
+
+
+class StepState(BaseModel):
+    """One step's progress, as folded from the log."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    """The action's latest attempt (0: never started)."""
+    compensation_attempt: int = 0
+    """The compensation's latest attempt."""
+    budget_from: int = 0
+    """Attempts before this count do not use up the policy (an operator retry resets it)."""
+    deadline_at: float | None = None
+    """When the attempt in flight times out."""
+    retry_at: float | None = None
+    """When the next attempt is due."""
+    output: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    """The latest failure of the action or compensation."""
+    stuck_phase: Phase | None = None
+    started_at: float | None = None
+    """When the first attempt was sent."""
+    finished_at: float | None = None
+    """When the action succeeded or failed for good."""
+    compensated_at: float | None = None
+
+
+class SagaState(BaseModel):
+    """One saga's whole state: a fold of its events, serialised into snapshots."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    saga_id: str
+    name: str
+    version: int
+    status: SagaStatus
+    input: dict[str, Any]
+    steps: dict[str, StepState]
+    seq: int
+    """The number of events folded in (the ``seq`` of the last one)."""
+    started_at: float
+    updated_at: float
+    finished_at: float | None = None
+    reason: str | None = None
+    """Why the saga is compensating, compensated or stuck."""
+    trace_parent: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the saga has ended (``stuck`` waits for an operator)."""
+        return self.status in FINAL_STATUSES
+
+    def outputs(self) -> dict[str, Any]:
+        """Every succeeded step's output, by step name."""
+        return {n: s.output for n, s in self.steps.items() if s.output is not None}
+
+    def percent_complete(self) -> int:
+        """Progress in percent: forward work while running, undo work while compensating."""
+        if self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
+            return 100
+        total = len(self.steps) or 1
+        if self.status is SagaStatus.RUNNING:
+            done = sum(s.status is StepStatus.SUCCEEDED for s in self.steps.values())
+            return done * 100 // total
+        owed = [s for s in self.steps.values() if s.compensation_attempt or s.status in _UNDO_OWED]
+        if not owed:
+            return 0
+        return sum(s.status is StepStatus.COMPENSATED for s in owed) * 100 // len(owed)
+
+
+_UNDO_OWED = frozenset({StepStatus.SUCCEEDED, StepStatus.UNKNOWN})
+_PENDING = StepState()
+
+
+def evolve(state: SagaState | None, event: EventBase) -> SagaState:
+    """Applies one event to a saga's state and returns the new state.
+
+    Raises:
+        IllegalTransition: The event does not follow the state (wrong saga, a gap or duplicate
+            in ``seq``, or no edge in the transition tables). The given state is unchanged.
+    """
+    if isinstance(event, SagaStarted):
+        if state is not None:
+            raise IllegalTransition(f"saga {event.saga_id!r} has already started")
+        return SagaState(
+            saga_id=event.saga_id,
+            name=event.name,
+            version=event.version,
+            status=SAGA_TRANSITIONS[(SagaStarted, None)],
+            input=event.input,
+            steps=dict.fromkeys(event.steps, _PENDING),
+            seq=event.seq,
+            started_at=event.at,
+            updated_at=event.at,
+            trace_parent=event.trace_parent,
+        )
+    if state is None:
+        raise IllegalTransition(f"{event.type} for saga {event.saga_id!r}, which has not started")  # type: ignore[attr-defined]
+    if event.saga_id != state.saga_id:
+        raise IllegalTransition(f"event of saga {event.saga_id!r} applied to {state.saga_id!r}")
+    if event.seq != state.seq + 1:
+        raise IllegalTransition(
+            f"saga {state.saga_id!r}: event seq {event.seq} does not follow {state.seq}"
+        )
+    changes: dict[str, Any] = {"seq": event.seq, "updated_at": event.at}
+    step_name: str | None = getattr(event, "step", None)
+    if step_name is not None and type(event) in _STEP_EVENT_TYPES:
+        changes["steps"] = {**state.steps, step_name: _evolve_step(state, step_name, event)}
+    changes.update(_evolve_saga(state, event))
+    return state.model_copy(update=changes)
+
+
+_STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
+
+
+def _evolve_step(state: SagaState, name: str, event: EventBase) -> StepState:
+    kind = type(event)
+    needed = STEP_EVENTS_NEED.get(kind)
+    if needed is not None and state.status is not needed:
+        raise IllegalTransition(
+            f"saga {state.saga_id!r}, step {name!r}: {kind.__name__} while the saga is "
+            f"{state.status.value}"
+        )
+    if state.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
+        raise IllegalTransition(f"saga {state.saga_id!r} has ended; {kind.__name__} is not legal")
+    step = state.steps.get(name, StepState())
+    target = STEP_TRANSITIONS.get((kind, step.status))
+    if target is None:
+        raise IllegalTransition(
+            f"saga {state.saga_id!r}, step {name!r}: {kind.__name__} is not legal when the step "
+            f"is {step.status.value}"
+        )
+    at = event.at
+    u: dict[str, Any] = {"status": target}
+    if isinstance(event, StepStarted):
+        u |= {"attempt": event.attempt, "deadline_at": event.deadline_at, "retry_at": None}
+        if step.started_at is None:
+            u["started_at"] = at
+        if step.status is StepStatus.STUCK:
+            u |= {"budget_from": event.attempt - 1, "stuck_phase": None}
+    elif isinstance(event, StepSucceeded):
+        u |= {"output": event.output, "deadline_at": None, "finished_at": at, "error": None}
+    elif isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
+        u |= {"error": event.error, "deadline_at": None, "retry_at": event.retry_at}
+    elif isinstance(event, StepFailedEvent):
+        u |= {"error": event.error, "deadline_at": None, "retry_at": None, "finished_at": at}
+    elif isinstance(event, StepTimedOut):
+        u |= {
+            "error": ErrorInfo(type="Timeout", message="outcome unknown: no reply by the deadline"),
+            "deadline_at": None,
+            "retry_at": None,
+            "finished_at": at,
+        }
+    elif isinstance(event, StepStuck):
+        u |= {"error": event.error, "deadline_at": None, "retry_at": None}
+        u["stuck_phase"] = event.phase
+    elif isinstance(event, CompensationStarted):
+        u |= {"compensation_attempt": event.attempt, "deadline_at": event.deadline_at}
+        u["retry_at"] = None
+        if step.status is StepStatus.STUCK:
+            u |= {"budget_from": event.attempt - 1, "stuck_phase": None}
+        elif step.status is not StepStatus.COMPENSATION_RETRYING:
+            u["budget_from"] = 0  # the compensation's own budget starts now
+    elif isinstance(event, CompensationSucceeded):
+        u |= {"deadline_at": None, "compensated_at": at}
+    return step.model_copy(update=u)
+
+
+def _evolve_saga(state: SagaState, event: EventBase) -> dict[str, Any]:
+    kind = type(event)
+    if kind not in _SAGA_EVENT_TYPES:
+        return {}  # step events and CancelRejected leave the saga's status as it is
+    target = SAGA_TRANSITIONS.get((kind, state.status))
+    if target is None:
+        raise IllegalTransition(
+            f"saga {state.saga_id!r}: {kind.__name__} is not legal when the saga is "
+            f"{state.status.value}"
+        )
+    if isinstance(event, SagaResumed):
+        target = SagaStatus.COMPENSATING if event.compensating else SagaStatus.RUNNING
+        return {"status": target, "finished_at": None}
+    changes: dict[str, Any] = {"status": target}
+    if isinstance(event, SagaAborted | SagaStuck):
+        changes["reason"] = event.reason
+    if target in FINAL_STATUSES:
+        changes["finished_at"] = event.at
+    return changes
+
+
+_SAGA_EVENT_TYPES = frozenset(t for (t, _) in SAGA_TRANSITIONS)

@@ -1,0 +1,110 @@
+"""Every error the engine raises, under one root.
+
+The tree::
+
+    SagaError
+    ├── DefinitionError          a saga definition breaks a rule (names the step and the rule)
+    ├── IllegalTransition        an event does not apply to the state it was given
+    ├── DecodeError              bytes that are not a valid message (goes to the dead-letter topic)
+    ├── UnknownSaga              no definition or no state for the name or id asked for
+    ├── SagaTimeout              `Coordinator.wait` ran out of time
+    ├── TransportError           the broker could not be reached or refused a write
+    │   └── Fenced               a newer coordinator owns the partition; state must be re-read
+    └── StepFailed               raised by a participant's handler: a business failure
+
+Retriability is data: `TransportError.retriable` says whether trying again may help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "DecodeError",
+    "DefinitionError",
+    "Fenced",
+    "IllegalTransition",
+    "SagaError",
+    "SagaTimeout",
+    "StepFailed",
+    "TransportError",
+    "UnknownSaga",
+]
+
+
+class SagaError(Exception):
+    """The root of every error the engine raises."""
+
+
+class DefinitionError(SagaError):
+    """A saga definition breaks one or more rules.
+
+    Attributes:
+        problems: One line per broken rule, each naming the saga, the step and the rule.
+    """
+
+    def __init__(self, saga: str, problems: Sequence[str]) -> None:
+        self.saga = saga
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"saga definition {saga!r} is invalid:\n{lines}")
+
+
+class IllegalTransition(SagaError):
+    """An event that is not legal in the state it was applied to; the state is unchanged."""
+
+
+class DecodeError(SagaError):
+    """Bytes that could not be decoded into a message.
+
+    Attributes:
+        reason: A short, stable reason code (``invalid_json``, ``too_large``, ...), used as the
+            dead-letter reason and as a metric label.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class UnknownSaga(SagaError):
+    """No definition with that name, or no saga with that id."""
+
+
+class SagaTimeout(SagaError):
+    """A wait for a saga to finish ran out of time; the saga itself goes on."""
+
+
+class TransportError(SagaError):
+    """The broker could not be reached, or refused a write.
+
+    Attributes:
+        retriable: Whether trying the same operation again may succeed.
+    """
+
+    retriable: bool = True
+
+
+class Fenced(TransportError):
+    """Another coordinator took over a partition; this one must drop it and re-read the log."""
+
+    retriable = False
+
+
+class StepFailed(SagaError):
+    """Raised by a participant's handler to report a business failure.
+
+    A business failure is final for the step: it is not retried, and the saga compensates
+    the steps that completed before it. Any other exception is a technical failure and is
+    retried according to the step's retry policy.
+
+    Attributes:
+        reason: Why the step failed, in words an operator can act on.
+        details: Optional structured data, returned to the coordinator with the failure.
+    """
+
+    def __init__(self, reason: str, details: dict[str, object] | None = None) -> None:
+        self.reason = reason
+        self.details = dict(details or {})
+        super().__init__(reason)
