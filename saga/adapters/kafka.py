@@ -97,18 +97,20 @@ class KafkaTransport:
     async def partitions(self, topic: str) -> int:
         """The number of partitions of ``topic`` (cached: partition counts do not shrink)."""
         if topic not in self._partition_counts:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers)
-            with anyio.fail_after(self.deadline):
-                await consumer.start()
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
             try:
                 with anyio.fail_after(self.deadline):
-                    found = await consumer.partitions_for_topic(topic)
-                    while not found:
-                        await anyio.sleep(0.1)
-                        await consumer._client.force_metadata_update()
-                        found = consumer._client.cluster.partitions_for_topic(topic)
+                    await admin.start()
+                    while True:
+                        (described,) = await admin.describe_topics([topic])
+                        found = described.get("partitions") or []
+                        if described.get("error_code", 0) == 0 and found:
+                            break
+                        await anyio.sleep(0.1)  # just created: metadata may lag behind
+            except TimeoutError as exc:
+                raise TransportError(f"topic {topic!r} does not exist") from exc
             finally:
-                await consumer.stop()
+                await admin.close()
             self._partition_counts[topic] = len(found)
         return self._partition_counts[topic]
 
