@@ -344,7 +344,7 @@ class _KafkaTxProducer:
                     await p.commit_transaction()
                 except BaseException:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                        await p.abort_transaction()
+                        await _abort_quietly(p)
                     raise
             return [(await f).offset for f in futures]
         except ProducerFenced as exc:
@@ -353,3 +353,13 @@ class _KafkaTxProducer:
         except (KafkaError, TimeoutError) as exc:
             self._broken = repr(exc)
             raise TransportError(f"transaction aborted: {exc!r}") from exc
+
+
+async def _abort_quietly(producer: AIOKafkaProducer) -> None:
+    # Best effort: a fenced or fatally failed producer refuses to abort (aiokafka asserts on the
+    # state transition). It is discarded either way, and the broker aborts its transaction when
+    # a new producer with the same id starts or the transaction times out.
+    try:
+        await producer.abort_transaction()
+    except Exception as exc:  # the original error is the one worth raising
+        log.debug("abort after a failed transaction also failed: %r", exc)
