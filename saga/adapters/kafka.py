@@ -142,8 +142,7 @@ class KafkaTransport:
             metadata_max_age_ms=30_000,
         )
         consumer.subscribe(list(topics), listener=_Listener(listener))
-        with anyio.fail_after(self.deadline):
-            await consumer.start()
+        await _start(consumer, self.deadline, f"consumer of group {group_id!r}")
         try:
             yield _KafkaConsumer(consumer, self.deadline)
         finally:
@@ -159,8 +158,7 @@ class KafkaTransport:
             client_id=f"{self.client_id}-reader",
         )
         tp = KafkaTP(topic, partition)
-        with anyio.fail_after(self.deadline):
-            await consumer.start()
+        await _start(consumer, self.deadline, f"reader of {topic}/{partition}")
         try:
             consumer.assign([tp])
             with anyio.fail_after(self.deadline):
@@ -178,6 +176,8 @@ class KafkaTransport:
                 with anyio.fail_after(self.deadline):
                     if await consumer.position(tp) >= end:
                         return
+        except (KafkaError, TimeoutError) as exc:
+            raise TransportError(f"reading {topic}/{partition} failed: {exc!r}") from exc
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await consumer.stop()
@@ -194,8 +194,7 @@ class KafkaTransport:
             acks="all",
             linger_ms=2,
         )
-        with anyio.fail_after(self.deadline):
-            await producer.start()
+        await _start(producer, self.deadline, "producer")
         try:
             yield _KafkaProducer(producer, self.deadline)
         finally:
@@ -228,6 +227,16 @@ class KafkaTransport:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await producer.stop()
+
+
+async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, deadline: float, what: str) -> None:
+    try:
+        with anyio.fail_after(deadline):
+            await client.start()
+    except (KafkaError, TimeoutError, OSError) as exc:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await client.stop()
+        raise TransportError(f"could not start the {what}: {exc!r}") from exc
 
 
 def _record(msg: Any) -> Record:
@@ -278,14 +287,17 @@ class _KafkaConsumer:
 
     async def seek_to_committed(self, partitions: frozenset[TopicPartition]) -> None:
         owned = self.assignment()
-        for t, p in partitions & owned:
-            tp = KafkaTP(t, p)
-            with anyio.fail_after(self._deadline):
-                committed = await self._c.committed(tp)
-            if committed is None:
-                await self._c.seek_to_beginning(tp)
-            else:
-                self._c.seek(tp, committed)
+        try:
+            for t, p in partitions & owned:
+                tp = KafkaTP(t, p)
+                with anyio.fail_after(self._deadline):
+                    committed = await self._c.committed(tp)
+                if committed is None:
+                    await self._c.seek_to_beginning(tp)
+                else:
+                    self._c.seek(tp, committed)
+        except (KafkaError, TimeoutError) as exc:
+            raise TransportError(f"rewinding to the committed offsets failed: {exc!r}") from exc
 
 
 class _KafkaProducer:

@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         ("replay", "show a saga's events from the log, in order"),
         ("cancel", "cancel a saga (until its pivot starts)"),
         ("retry", "re-drive a stuck saga"),
+        ("resolve", "declare a stuck saga's stuck steps handled by hand"),
     ):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("saga_id")
@@ -113,6 +114,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "list": _list,
         "cancel": _cancel,
         "retry": _retry,
+        "resolve": _resolve,
         "graph": _graph,
     }
     try:
@@ -272,6 +274,17 @@ async def _retry(args: argparse.Namespace) -> int:
         await client.retry(args.saga_id)
     _out(
         args, {"saga_id": args.saga_id, "requested": "retry"}, f"retry requested for {args.saga_id}"
+    )
+    return 0
+
+
+async def _resolve(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        await client.resolve(args.saga_id)
+    _out(
+        args,
+        {"saga_id": args.saga_id, "requested": "resolve"},
+        f"resolve requested for {args.saga_id}",
     )
     return 0
 

@@ -57,6 +57,7 @@ from saga.core.messages import (
     CancelRejected,
     CancelSaga,
     Command,
+    CompensationResolved,
     CompensationRetryScheduled,
     CompensationStarted,
     CompensationSucceeded,
@@ -64,6 +65,7 @@ from saga.core.messages import (
     EventBase,
     Phase,
     Reply,
+    ResolveSaga,
     RetrySaga,
     SagaAborted,
     SagaCompensated,
@@ -73,6 +75,7 @@ from saga.core.messages import (
     SagaStuck,
     StartSaga,
     StepFailedEvent,
+    StepResolved,
     StepRetryScheduled,
     StepStarted,
     StepStuck,
@@ -92,7 +95,7 @@ class Tick:
     at: float
 
 
-Input = StartSaga | CancelSaga | RetrySaga | Reply | Tick
+Input = StartSaga | CancelSaga | RetrySaga | ResolveSaga | Reply | Tick
 """Everything that can make a saga move."""
 
 
@@ -210,6 +213,8 @@ class _Plan:
             return self.on_tick()
         if isinstance(message, CancelSaga):
             return self.on_cancel(message)
+        if isinstance(message, ResolveSaga):
+            return self.on_resolve(message)
         return self.on_retry(message)
 
     def on_start(self, m: StartSaga, trace_parent: str | None) -> tuple[str, str] | None:
@@ -315,6 +320,19 @@ class _Plan:
                 self.start_compensation(sd, ss.compensation_attempt + 1)
             else:
                 self.start_step(sd, ss.attempt + 1)
+        return None
+
+    def on_resolve(self, m: ResolveSaga) -> tuple[str, str] | None:
+        if self.s.status is not SagaStatus.STUCK:
+            return "ignored", f"saga {m.saga_id!r} is {self.s.status.value}, not stuck"
+        stuck = [sd for sd in self.d.steps if self.step_state(sd.name).status is StepStatus.STUCK]
+        compensating = any(self.step_state(sd.name).stuck_phase == "compensation" for sd in stuck)
+        self.emit(SagaResumed, compensating=compensating)
+        for sd in stuck:
+            if self.step_state(sd.name).stuck_phase == "compensation":
+                self.emit(CompensationResolved, step=sd.name, note=m.note)
+            else:
+                self.emit(StepResolved, step=sd.name, note=m.note)
         return None
 
     # -- failures ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ cheap to encode, and `saga replay` renders them for people.
 
 Topics and what they hold (see DESIGN section 3):
 
-- requests: `StartSaga`, `CancelSaga`, `RetrySaga`
+- requests: `StartSaga`, `CancelSaga`, `RetrySaga`, `ResolveSaga`
 - commands.<service>: `Command`
 - replies: `Reply`
 - log: the `Event` union
@@ -28,6 +28,7 @@ __all__ = [
     "CancelSaga",
     "Checkpoint",
     "Command",
+    "CompensationResolved",
     "CompensationRetryScheduled",
     "CompensationStarted",
     "CompensationSucceeded",
@@ -37,6 +38,7 @@ __all__ = [
     "Phase",
     "Reply",
     "Request",
+    "ResolveSaga",
     "RetrySaga",
     "SagaAborted",
     "SagaCompensated",
@@ -47,6 +49,7 @@ __all__ = [
     "Snapshot",
     "StartSaga",
     "StepFailedEvent",
+    "StepResolved",
     "StepRetryScheduled",
     "StepStarted",
     "StepStuck",
@@ -118,8 +121,24 @@ class RetrySaga(_Message):
     at: float
 
 
-Request = Annotated[StartSaga | CancelSaga | RetrySaga, Field(discriminator="type")]
-request_adapter: TypeAdapter[StartSaga | CancelSaga | RetrySaga] = TypeAdapter(Request)
+class ResolveSaga(_Message):
+    """Operator command: declare a stuck saga's stuck steps handled by hand.
+
+    A step stuck going forward counts as succeeded; one stuck compensating counts as
+    compensated. The saga then carries on by its ordinary rules.
+    """
+
+    type: Literal["resolve"] = "resolve"
+    message_id: str
+    saga_id: str
+    note: str = "resolved by an operator"
+    at: float
+
+
+Request = Annotated[StartSaga | CancelSaga | RetrySaga | ResolveSaga, Field(discriminator="type")]
+request_adapter: TypeAdapter[StartSaga | CancelSaga | RetrySaga | ResolveSaga] = TypeAdapter(
+    Request
+)
 
 
 # -- commands and replies -------------------------------------------------------------------------
@@ -306,6 +325,22 @@ class SagaResumed(EventBase):
     """Whether the saga resumes its compensation (else it resumes going forward)."""
 
 
+class StepResolved(EventBase):
+    """An operator declared a step stuck going forward done by hand: it counts as succeeded."""
+
+    type: Literal["step_resolved"] = "step_resolved"
+    step: str
+    note: str
+
+
+class CompensationResolved(EventBase):
+    """An operator declared a stuck compensation done by hand: the step counts as compensated."""
+
+    type: Literal["compensation_resolved"] = "compensation_resolved"
+    step: str
+    note: str
+
+
 class CancelRejected(EventBase):
     """A cancel arrived too late (the pivot had started) or for a finished saga."""
 
@@ -329,6 +364,8 @@ Event = Annotated[
     | SagaCompensated
     | SagaStuck
     | SagaResumed
+    | StepResolved
+    | CompensationResolved
     | CancelRejected,
     Field(discriminator="type"),
 ]

@@ -32,7 +32,8 @@ and backward, once the saga is compensating::
 
 Saga statuses: ``running -> completed``; ``running -> compensating -> compensated``; either of
 ``running`` and ``compensating`` -> ``stuck``; ``stuck`` -> ``running`` or ``compensating``
-again when an operator retries it.
+again when an operator retries it, or resolves its stuck steps by hand (``stuck`` ->
+``succeeded`` going forward, ``stuck`` -> ``compensated`` going backward).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from saga.core.messages import (
+    CompensationResolved,
     CompensationRetryScheduled,
     CompensationStarted,
     CompensationSucceeded,
@@ -56,6 +58,7 @@ from saga.core.messages import (
     SagaStarted,
     SagaStuck,
     StepFailedEvent,
+    StepResolved,
     StepRetryScheduled,
     StepStarted,
     StepStuck,
@@ -124,6 +127,8 @@ STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
     (CompensationStarted, S.STUCK): S.COMPENSATING,  # an operator's retry
     (CompensationSucceeded, S.COMPENSATING): S.COMPENSATED,
     (CompensationRetryScheduled, S.COMPENSATING): S.COMPENSATION_RETRYING,
+    (StepResolved, S.STUCK): S.SUCCEEDED,  # an operator's resolve, going forward
+    (CompensationResolved, S.STUCK): S.COMPENSATED,  # an operator's resolve, compensating
 }
 """(event type, step status before) -> step status after. Anything else is illegal."""
 
@@ -309,8 +314,10 @@ def _evolve_step(state: SagaState, name: str, event: EventBase) -> StepState:
             u |= {"budget_from": event.attempt - 1, "stuck_phase": None}
         elif step.status is not StepStatus.COMPENSATION_RETRYING:
             u["budget_from"] = 0  # the compensation's own budget starts now
-    elif isinstance(event, CompensationSucceeded):
-        u |= {"deadline_at": None, "compensated_at": at}
+    elif isinstance(event, CompensationSucceeded | CompensationResolved):
+        u |= {"deadline_at": None, "compensated_at": at, "stuck_phase": None}
+    elif isinstance(event, StepResolved):
+        u |= {"output": step.output or {}, "finished_at": at, "stuck_phase": None}
     return step.model_copy(update=u)
 
 

@@ -19,6 +19,7 @@ from saga.core.codec import decode, encode
 from saga.core.messages import (
     CancelSaga,
     EventBase,
+    ResolveSaga,
     RetrySaga,
     Snapshot,
     StartSaga,
@@ -72,7 +73,7 @@ class SagaClient:
     async def _send(
         self,
         saga_id: str,
-        message: StartSaga | CancelSaga | RetrySaga,
+        message: StartSaga | CancelSaga | RetrySaga | ResolveSaga,
         headers: tuple[tuple[str, bytes], ...] = (),
     ) -> None:
         if self._producer is None:
@@ -111,6 +112,13 @@ class SagaClient:
     async def retry(self, saga_id: str) -> None:
         """Asks for a stuck saga's stuck steps or compensations to run again."""
         message = RetrySaga(message_id=new_saga_id(), saga_id=saga_id, at=self.clock.now())
+        await self._send(saga_id, message)
+
+    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> None:
+        """Declares a stuck saga's stuck steps handled by hand; the saga then carries on."""
+        message = ResolveSaga(
+            message_id=new_saga_id(), saga_id=saga_id, note=note, at=self.clock.now()
+        )
         await self._send(saga_id, message)
 
     async def _partition(self, topic: str, saga_id: str) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from saga.core.codec import DEFAULT_LIMITS, Limits, decode, encode
 from saga.core.decide import Decision, Input, Tick, decide, next_due
@@ -48,7 +48,14 @@ from saga.core.messages import (
     request_adapter,
 )
 from saga.core.state import SagaState, evolve
-from saga.errors import DecodeError, Fenced, SagaTimeout, TransportError, UnknownSaga
+from saga.errors import (
+    DecodeError,
+    Fenced,
+    IllegalTransition,
+    SagaTimeout,
+    TransportError,
+    UnknownSaga,
+)
 from saga.runtime.client import SagaClient
 from saga.runtime.ports import (
     Clock,
@@ -266,8 +273,16 @@ class Coordinator:
                 self.transport.tx_producer(f"{self.topics.prefix}.coordinator.{p}")
             )
             part = _Partition(p, producer, stack)
-            await self._recover(part)
-        except (TransportError, DecodeError) as exc:
+            poison = await self._recover(part)
+            if poison:
+                # Dead-lettered once: the checkpoint written with them moves recovery past them.
+                checkpoint = Checkpoint(partition=p, log_offset=part.log_next)
+                await producer.commit(
+                    [*poison, self._checkpoint_record(checkpoint)],
+                    {},
+                    self.topics.coordinator_group,
+                )
+        except (TransportError, TimeoutError, OSError) as exc:
             await stack.aclose()
             log.warning("partition %d: could not take it over (%s); will try again", p, exc)
             self._lost.add(p)
@@ -282,29 +297,48 @@ class Coordinator:
             self.stats.last_recovery_seconds,
         )
 
-    async def _recover(self, part: _Partition) -> None:
+    async def _recover(self, part: _Partition) -> list[Outgoing]:
+        """Rebuilds the partition's states; returns dead letters for records it could not use.
+
+        Only this coordinator writes the log and snapshots, so a bad record there means
+        corruption or a foreign writer: it is set aside with its reason, never fatal.
+        """
         t = self.topics
+        poison: list[Outgoing] = []
         checkpoint = 0
         async for record in self.transport.read(t.snapshots, part.number):
             if record.value is None:
                 if record.key is not None:
                     part.states.pop(record.key.decode(), None)
                 continue
-            item = decode(_snapshot_adapter, record.value)
-            if isinstance(item, Checkpoint):
-                checkpoint = item.log_offset
-            else:
-                part.states[item.saga_id] = SagaState.model_validate(item.state)
+            try:
+                item = decode(_snapshot_adapter, record.value)
+                if isinstance(item, Checkpoint):
+                    checkpoint = item.log_offset
+                else:
+                    part.states[item.saga_id] = SagaState.model_validate(item.state)
+            except (DecodeError, ValidationError) as exc:
+                poison.append(self._dead(record, "bad_snapshot", str(exc)))
         part.log_next = checkpoint
         async for record in self.transport.read(t.log, part.number, checkpoint):
             part.log_next = record.offset + 1
-            event = decode(event_adapter, record.value)
-            state = part.states.get(event.saga_id)
-            if state is not None and event.seq <= state.seq:
-                continue  # already in the snapshot
-            part.states[event.saga_id] = evolve(state, event)
+            try:
+                event = decode(event_adapter, record.value)
+                state = part.states.get(event.saga_id)
+                if state is not None and event.seq <= state.seq:
+                    continue  # already in the snapshot
+                part.states[event.saga_id] = evolve(state, event)
+            except (DecodeError, IllegalTransition) as exc:
+                poison.append(self._dead(record, "bad_log_record", str(exc)))
         for state in part.states.values():
             part.arm(state)
+        return poison
+
+    def _checkpoint_record(self, checkpoint: Checkpoint) -> Outgoing:
+        key = f"__checkpoint__.{checkpoint.partition}".encode()
+        return Outgoing(
+            self.topics.snapshots, key, encode(checkpoint), partition=checkpoint.partition
+        )
 
     async def _drop(self, p: int) -> None:
         part = self._parts.pop(p, None)
@@ -355,15 +389,7 @@ class Coordinator:
             out.append(
                 Outgoing(self.topics.snapshots, state.saga_id.encode(), encode(snap), partition=p)
             )
-        checkpoint = Checkpoint(partition=p, log_offset=part.log_next)
-        out.append(
-            Outgoing(
-                self.topics.snapshots,
-                f"__checkpoint__.{p}".encode(),
-                encode(checkpoint),
-                partition=p,
-            )
-        )
+        out.append(self._checkpoint_record(Checkpoint(partition=p, log_offset=part.log_next)))
         try:
             written = await part.producer.commit(out, offsets, self.topics.coordinator_group)
         except Fenced:
@@ -517,6 +543,10 @@ class Coordinator:
     async def retry(self, saga_id: str) -> None:
         """Re-drives a stuck saga: its stuck steps or compensations run again."""
         await self._client.retry(saga_id)
+
+    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> None:
+        """Declares a stuck saga's stuck steps handled by hand; the saga then carries on."""
+        await self._client.resolve(saga_id, note)
 
     async def status(self, saga_id: str) -> SagaState | None:
         """The saga's latest committed state (from memory if owned here, else the snapshots)."""

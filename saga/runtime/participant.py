@@ -36,10 +36,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from saga.core.codec import DEFAULT_LIMITS, Limits, decode, encode
 from saga.core.messages import Command, ErrorInfo, Reply
-from saga.errors import DecodeError, StepFailed
+from saga.errors import DecodeError, StepFailed, TransportError
 from saga.runtime.coordinator import dead_letter
 from saga.runtime.ports import (
     Clock,
+    Consumer,
     Outgoing,
     Producer,
     Record,
@@ -116,6 +117,7 @@ class Participant:
         store: Where outcomes are kept for deduplication (memory by default; use
             `saga.runtime.stores.SQLiteReplyStore` to survive restarts).
         concurrency: Most commands handled at once (across sagas).
+        partitions: Partition count if this participant creates its command topic.
         clock: Time source.
         limits: Decoding bounds for incoming commands.
     """
@@ -128,6 +130,7 @@ class Participant:
         prefix: str = "saga",
         store: ReplyStore | None = None,
         concurrency: int = 64,
+        partitions: int = 6,
         clock: Clock | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
@@ -137,6 +140,7 @@ class Participant:
         self.store = store or MemoryReplyStore()
         self.clock = clock or SystemClock()
         self.limits = limits
+        self.partitions = partitions
         self.stats = ParticipantStats()
         self._handlers: dict[str, _Registered] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -190,25 +194,41 @@ class Participant:
         if transport is None:
             raise ValueError(f"participant {self.service!r} has no transport to run on")
         topic = self.topics.commands(self.service)
-        partitions = await transport.partitions(self.topics.replies)
-        await transport.ensure_topics([topic, self.topics.dlq], partitions)
-        async with (
-            transport.producer() as producer,
-            transport.consumer(self.topics.participant_group(self.service), [topic]) as consumer,
-        ):
+        await transport.ensure_topics([topic, self.topics.dlq], self.partitions)
+        group = self.topics.participant_group(self.service)
+        async with transport.consumer(group, [topic]) as consumer:
             task_status.started()
+            rewind: frozenset[TopicPartition] = frozenset()
+            delay = 0.1
             while True:
-                records = await consumer.poll(0.5, 500)
-                if not records:
-                    continue
-                # Shielded: a batch in hand is finished, replied to and committed even when
-                # shutdown is requested, so that a graceful stop leaves nothing half done.
-                with anyio.CancelScope(shield=True):
-                    await self._handle_batch(records, producer)
-                    offsets: dict[TopicPartition, int] = {}
-                    for r in records:
-                        offsets[(r.topic, r.partition)] = r.offset + 1
-                    await consumer.commit(offsets)
+                try:
+                    if rewind:
+                        await consumer.seek_to_committed(rewind)
+                        rewind = frozenset()
+                    async with transport.producer() as producer:
+                        await self._serve(consumer, producer)
+                except TransportError as exc:
+                    # The broker is away. Whatever of the batch in hand was not committed
+                    # comes again after a rewind; the reply store turns the handlers' second
+                    # run into a replay of the stored outcome.
+                    rewind = consumer.assignment()
+                    log.warning("%s: %s; retrying in %.1fs", self.service, exc, delay)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    async def _serve(self, consumer: Consumer, producer: Producer) -> None:
+        while True:
+            records = await consumer.poll(0.5, 500)
+            if not records:
+                continue
+            # Shielded: a batch in hand is finished, replied to and committed even when
+            # shutdown is requested, so that a graceful stop leaves nothing half done.
+            with anyio.CancelScope(shield=True):
+                await self._handle_batch(records, producer)
+                offsets: dict[TopicPartition, int] = {}
+                for r in records:
+                    offsets[(r.topic, r.partition)] = r.offset + 1
+                await consumer.commit(offsets)
 
     # -- handling ----------------------------------------------------------------------------
 
