@@ -36,11 +36,9 @@ class CliError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``saga`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from saga.runtime.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     try:
         return int(anyio.run(_dispatch, args) or 0)
     except CliError as exc:
@@ -67,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     common.add_argument("--log-level", default=os.environ.get("SAGA_LOG_LEVEL", "warning"))
+    common.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=os.environ.get("SAGA_LOG_FORMAT", "json"),
+        help="log lines on stderr (default: $SAGA_LOG_FORMAT or %(default)s)",
+    )
 
     parser = argparse.ArgumentParser(prog="saga", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -180,15 +184,21 @@ async def _serve_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -
 
 
 async def _coordinator(args: argparse.Namespace) -> int:
+    from saga.adapters.tracing import OpenTelemetryObserver
     from saga.runtime.coordinator import Coordinator
 
+    observer = OpenTelemetryObserver.from_env("saga-coordinator")
     coordinator = Coordinator(
         _definitions(args.app),
         transport=_transport(args),
         prefix=args.prefix,
         partitions=args.partitions,
+        observer=observer,
     )
-    await _serve_until_signalled(coordinator.run)
+    try:
+        await _serve_until_signalled(coordinator.run)
+    finally:
+        observer.shutdown()  # flushes the spans of the last transactions
     return 0
 
 
@@ -198,9 +208,16 @@ async def _participant(args: argparse.Namespace) -> int:
     participant = load_app(args.app)
     if not isinstance(participant, Participant):
         raise CliError(f"--app {args.app!r}: expected a saga.Participant")
+    from saga.adapters.tracing import OpenTelemetryObserver
+
     participant.topics = type(participant.topics)(args.prefix)
+    observer = OpenTelemetryObserver.from_env(participant.service)
+    participant.observer = observer
     transport = _transport(args)
-    await _serve_until_signalled(lambda: participant.run(transport))
+    try:
+        await _serve_until_signalled(lambda: participant.run(transport))
+    finally:
+        observer.shutdown()
     return 0
 
 

@@ -426,6 +426,7 @@ class _Plan:
                 saga_version=s.version,
                 step=sd.name,
                 phase=phase,
+                service=sd.service,
                 action=action,
                 attempt=attempt,
                 idempotency_key=idempotency_key(s.saga_id, sd.name, phase, round_),

@@ -154,6 +154,8 @@ class Command(_Message):
     saga_version: int
     step: str
     phase: Phase
+    service: str
+    """The service that owns the step; a participant of another service refuses the command."""
     action: str
     """The handler name on the participant (the step's action or compensation)."""
     attempt: int

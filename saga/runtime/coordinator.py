@@ -57,6 +57,7 @@ from saga.errors import (
     UnknownSaga,
 )
 from saga.runtime.client import SagaClient
+from saga.runtime.observe import Committed, NullObserver, Observer, command_traceparent
 from saga.runtime.ports import (
     Clock,
     Outgoing,
@@ -148,6 +149,7 @@ class Coordinator:
         alert_hooks: Called for each stuck saga after its alert is committed.
         batch_size: Most records handled in one poll (and so in one transaction per partition).
         limits: Decoding bounds for incoming messages.
+        observer: Told of every committed decision (tracing, metrics); none by default.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class Coordinator:
         alert_hooks: Sequence[AlertHook] = (),
         batch_size: int = 500,
         limits: Limits = DEFAULT_LIMITS,
+        observer: Observer | None = None,
     ) -> None:
         self.transport = transport
         self.topics = Topics(prefix)
@@ -170,6 +173,8 @@ class Coordinator:
         self.batch_size = batch_size
         self.limits = limits
         self.stats = CoordinatorStats()
+        self.observer: Observer = observer or NullObserver()
+        self.observer.watch_in_flight(self._in_flight)
         self._versions: dict[tuple[str, int], SagaDefinition] = {}
         self._latest: dict[str, SagaDefinition] = {}
         for d in definitions:
@@ -184,6 +189,11 @@ class Coordinator:
         self._stack = AsyncExitStack()
         self._assigned = anyio.Event()
         self._owned_inputs: frozenset[TopicPartition] = frozenset()
+
+    def _in_flight(self) -> int:
+        return sum(
+            not s.is_final for part in list(self._parts.values()) for s in part.states.values()
+        )
 
     @property
     def definitions(self) -> Mapping[str, SagaDefinition]:
@@ -372,16 +382,28 @@ class Coordinator:
         out: list[Outgoing] = []
         offsets: dict[TopicPartition, int] = {}
         alerts: list[Alert] = []
+        seen: list[Committed] = []
+        dead: list[tuple[str, str]] = []
         for record in records:
             offsets[(record.topic, record.partition)] = record.offset + 1
             self.stats.records += 1
-            decision = self._decide_record(part, staged, record, now)
-            if decision is not None:
-                self._stage(part, staged, decision, out, alerts, record)
+            before = self._current(part, staged, record)
+            result = self._decide_record(part, staged, record, now)
+            if isinstance(result, Outgoing):
+                out.append(result)
+                dead.append((record.topic, _header(result, "saga.dlq.reason") or "?"))
+            elif result is not None:
+                decision, message = result
+                self._stage(part, staged, decision, out, alerts)
+                reply = message if isinstance(message, Reply) else None
+                kind = "reply" if reply else getattr(message, "type", "request")
+                trace_parent = _header(record, "traceparent")
+                seen.append(Committed(before, decision, kind, reply, trace_parent, now))
         for saga_id in part.due(now):
             state = staged.get(saga_id) or part.states[saga_id]
             decision = decide(self._definition_for(state), state, Tick(saga_id, now), now)
-            self._stage(part, staged, decision, out, alerts, None)
+            self._stage(part, staged, decision, out, alerts)
+            seen.append(Committed(state, decision, "timer", None, None, now))
         if not out and not offsets:
             return
         for state in staged.values():
@@ -406,6 +428,9 @@ class Coordinator:
             self._lost.add(p)
             return
         self.stats.transactions += 1
+        self.observer.committed(seen, self.clock.now())
+        for topic, reason in dead:
+            self.observer.dead_lettered(topic, reason)
         log_offsets = [o for r, o in zip(out, written, strict=True) if r.topic == self.topics.log]
         if log_offsets:
             part.log_next = max(log_offsets) + 1
@@ -419,7 +444,7 @@ class Coordinator:
 
     def _decide_record(
         self, part: _Partition, staged: dict[str, SagaState], record: Record, now: float
-    ) -> Decision | Outgoing | None:
+    ) -> tuple[Decision, Input] | Outgoing | None:
         t = self.topics
         try:
             message: Input
@@ -453,7 +478,7 @@ class Coordinator:
                 decision.ignored,
             )
             return None
-        return decision
+        return decision, message
 
     def _dead(self, record: Record, reason: str, detail: str) -> Outgoing:
         self.stats.dead_letters[reason] += 1
@@ -467,31 +492,32 @@ class Coordinator:
         )
         return dead_letter(record, self.topics.dlq, reason, detail)
 
+    def _current(
+        self, part: _Partition, staged: dict[str, SagaState], record: Record
+    ) -> SagaState | None:
+        saga_id = record.key.decode(errors="replace") if record.key else ""
+        return staged.get(saga_id) or part.states.get(saga_id)
+
     def _stage(
         self,
         part: _Partition,
         staged: dict[str, SagaState],
-        decision: Decision | Outgoing,
+        decision: Decision,
         out: list[Outgoing],
         alerts: list[Alert],
-        record: Record | None,
     ) -> None:
-        if isinstance(decision, Outgoing):
-            out.append(decision)
-            return
         state = decision.state
         if state is None:
             return
         staged[state.saga_id] = state
         key = state.saga_id.encode()
-        trace = (("traceparent", state.trace_parent.encode()),) if state.trace_parent else ()
         for event in decision.events:
-            out.append(Outgoing(self.topics.log, key, encode(event), trace, partition=part.number))
+            out.append(Outgoing(self.topics.log, key, encode(event), partition=part.number))
         for command in decision.commands:
-            service = self._definition_for(state).step(command.step).service
-            out.append(Outgoing(self.topics.commands(service), key, encode(command), trace))
+            trace = (("traceparent", command_traceparent(command).encode()),)
+            out.append(Outgoing(self.topics.commands(command.service), key, encode(command), trace))
         for alert in decision.alerts:
-            out.append(Outgoing(self.topics.alerts, key, encode(alert), trace))
+            out.append(Outgoing(self.topics.alerts, key, encode(alert)))
             alerts.append(alert)
         self.stats.events += len(decision.events)
         self.stats.commands += len(decision.commands)
@@ -506,7 +532,13 @@ class Coordinator:
         return found
 
     async def _run_alert_hooks(self, alert: Alert) -> None:
-        log.error("saga %s (%s) is stuck: %s", alert.saga_id, alert.saga_name, alert.reason)
+        log.error(
+            "saga %s (%s) is stuck: %s",
+            alert.saga_id,
+            alert.saga_name,
+            alert.reason,
+            extra={"saga_id": alert.saga_id, "saga_name": alert.saga_name, "reason": alert.reason},
+        )
         for hook in self.alert_hooks:
             try:
                 await hook(alert)
@@ -590,7 +622,7 @@ class Coordinator:
         return (self.topics.requests, p) in self._owned_inputs
 
 
-def _header(record: Record, name: str) -> str | None:
+def _header(record: Record | Outgoing, name: str) -> str | None:
     for key, value in record.headers:
         if key == name:
             return value.decode(errors="replace")

@@ -38,6 +38,7 @@ from saga.core.codec import DEFAULT_LIMITS, Limits, decode, encode
 from saga.core.messages import Command, ErrorInfo, Reply
 from saga.errors import DecodeError, StepFailed, TransportError
 from saga.runtime.coordinator import dead_letter
+from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.ports import (
     Clock,
     Consumer,
@@ -118,6 +119,7 @@ class Participant:
             `saga.runtime.stores.SQLiteReplyStore` to survive restarts).
         concurrency: Most commands handled at once (across sagas).
         partitions: Partition count if this participant creates its command topic.
+        observer: Told of every command handled (tracing, metrics); none by default.
         clock: Time source.
         limits: Decoding bounds for incoming commands.
     """
@@ -133,6 +135,7 @@ class Participant:
         partitions: int = 6,
         clock: Clock | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        observer: Observer | None = None,
     ) -> None:
         self.service = service
         self.transport = transport
@@ -141,6 +144,7 @@ class Participant:
         self.clock = clock or SystemClock()
         self.limits = limits
         self.partitions = partitions
+        self.observer: Observer = observer or NullObserver()
         self.stats = ParticipantStats()
         self._handlers: dict[str, _Registered] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -253,6 +257,12 @@ class Participant:
             command = decode(_command_adapter, record.value, self.limits)
         except DecodeError as exc:
             return self._dead(record, exc.reason, exc.detail)
+        if command.service != self.service:
+            return self._dead(
+                record,
+                "wrong_service",
+                f"command for service {command.service!r} on {self.service!r}'s topic",
+            )
         registered = self._handlers.get(command.action)
         if registered is None:
             return self._dead(
@@ -261,19 +271,25 @@ class Participant:
                 f"service {self.service!r} has no handler for {command.action!r}",
             )
         trace_parent = next((v.decode() for k, v in record.headers if k == "traceparent"), None)
-        reply = await self._reply_for(command, registered, trace_parent)
-        headers = record.headers if trace_parent else ()
+        with self.observer.handling(self.service, command) as handling:
+            reply, replayed = await self._reply_for(
+                command, registered, handling.traceparent() or trace_parent
+            )
+            handling.outcome(reply.ok, reply.error, replayed)
+            reply_parent = handling.traceparent()
+        headers = (("traceparent", reply_parent.encode()),) if reply_parent else ()
         return Outgoing(self.topics.replies, command.saga_id.encode(), encode(reply), headers)
 
     async def _reply_for(
         self, command: Command, registered: _Registered, trace_parent: str | None
-    ) -> Reply:
+    ) -> tuple[Reply, bool]:
+        """The reply to ``command``, and whether it is a stored one replayed."""
         key = command.idempotency_key
         stored = await self.store.get(key)
         if stored is not None:
             self.stats.replayed += 1
             ok, output, error = stored
-            return self._reply(command, ok, output, error)
+            return self._reply(command, ok, output, error), True
         undone = _undone(command.saga_id, command.step)
         if command.phase == "action" and await self.store.get(undone) is not None:
             error = ErrorInfo(
@@ -281,7 +297,7 @@ class Participant:
                 business=True,
                 message="the step was compensated before this attempt arrived; not run",
             )
-            return self._reply(command, False, None, error)
+            return self._reply(command, False, None, error), False
         ctx = StepContext(
             saga_id=command.saga_id,
             saga_name=command.saga_name,
@@ -297,7 +313,7 @@ class Participant:
             await self.store.put(key, ok, output, error)
         if ok and command.phase == "compensation":
             await self.store.put(undone, True, None, None)
-        return self._reply(command, ok, output, error)
+        return self._reply(command, ok, output, error), False
 
     async def _invoke(
         self, registered: _Registered, payload: dict[str, Any], ctx: StepContext
@@ -335,7 +351,19 @@ class Participant:
             return False, None, ErrorInfo(type="Timeout", message="the handler passed the deadline")
         except Exception as exc:
             self.stats.technical_failures += 1
-            log.warning("%s/%s attempt %d failed: %r", ctx.saga_id, ctx.step, ctx.attempt, exc)
+            log.warning(
+                "%s/%s attempt %d failed: %r",
+                ctx.saga_id,
+                ctx.step,
+                ctx.attempt,
+                exc,
+                extra={
+                    "saga_id": ctx.saga_id,
+                    "step": ctx.step,
+                    "attempt": ctx.attempt,
+                    "service": self.service,
+                },
+            )
             return False, None, ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc))
         if isinstance(result, BaseModel):
             return True, result.model_dump(mode="json"), None
@@ -370,6 +398,7 @@ class Participant:
 
     def _dead(self, record: Record, reason: str, detail: str) -> Outgoing:
         self.stats.dead_letters[reason] += 1
+        self.observer.dead_lettered(record.topic, reason)
         log.warning(
             "dead-lettered %s/%d/%d: %s: %s",
             record.topic,

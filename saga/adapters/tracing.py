@@ -1,0 +1,417 @@
+"""OpenTelemetry traces and metrics for the runtime. The only module that imports opentelemetry.
+
+Traces. Each saga is one trace (its id derived from the saga id, `saga.core.ids`):
+
+- ``saga <name>``: the root, recorded when the saga starts, linked to the trace of the request
+  that started it (a client starting forty sagas in one request keeps forty traces);
+- ``decide <input>``: every committed decision (a start, a reply, a timer, an operator
+  request), with the events it appended as span events;
+- ``send <service> <action>``: every command, a producer span whose id is derived from the
+  saga, step, phase and attempt, so the command's ``traceparent`` header is known before the
+  span exists; ``compensate`` sends carry a link to the forward step's send span;
+- ``backoff <step>``: the wait before a retry, from the failure to the retry time;
+- ``handle <service> <action>``: the participant's work, a consumer span under the send span,
+  with the user's own spans nested inside;
+- ``saga <outcome>``: from start to end, once the saga is completed, compensated or stuck.
+
+Spans are made after the coordinator's transaction commits, never while it rebuilds state, so
+a restart adds no duplicates. Attributes come from an allowlist (ids, names, attempts, error
+types and messages); payloads are added only with ``record_payloads=True``
+(``SAGA_TRACE_PAYLOADS=1``).
+
+Why not opentelemetry-instrumentation-aiokafka: it makes one span per send at send time and
+injects its own context. Our sends are transactional, so a span at send time would describe
+records that an aborted transaction never published, and the injected context would differ from
+the deterministic one the compensation links rely on. Context still travels in the standard
+W3C ``traceparent`` Kafka header, so other instrumented consumers join the same traces.
+
+Metrics (OTLP, when ``OTEL_METRICS_EXPORTER=otlp``): ``saga.sagas.started``,
+``saga.sagas.ended`` (by status), ``saga.sagas.in_flight``, ``saga.saga.duration``,
+``saga.step.duration`` (by step and outcome), ``saga.step.retries``, ``saga.dead_letters``
+(by topic and reason), ``saga.participant.handled`` and ``saga.participant.duration``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from saga.core.ids import command_span_id, root_span_id, trace_id_for
+from saga.core.messages import (
+    Command,
+    CompensationRetryScheduled,
+    ErrorInfo,
+    EventBase,
+    SagaCompensated,
+    SagaCompleted,
+    SagaStarted,
+    SagaStuck,
+    StepFailedEvent,
+    StepRetryScheduled,
+    StepSucceeded,
+    StepTimedOut,
+)
+from saga.runtime.observe import Committed, Handling
+
+__all__ = ["DeterministicIds", "OpenTelemetryObserver"]
+
+_forced: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.ContextVar(
+    "saga_forced_ids", default=(None, None)
+)
+_propagator = TraceContextTextMapPropagator()
+_ENDINGS = {SagaCompleted: "completed", SagaCompensated: "compensated", SagaStuck: "stuck"}
+
+
+class DeterministicIds(IdGenerator):
+    """Random ids, except where the saga engine asks for a derived one (see `saga.core.ids`)."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        """The forced span id if one is set, else a random one."""
+        return _forced.get()[1] or self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        """The forced trace id if one is set, else a random one."""
+        return _forced.get()[0] or self._random.generate_trace_id()
+
+
+@contextmanager
+def _ids(trace_id: int | None, span_id: int | None) -> Iterator[None]:
+    token = _forced.set((trace_id, span_id))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _remote(trace_id: int, span_id: int) -> otel_context.Context:
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(1))
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+
+
+def _link_to(traceparent: str | None) -> list[Link]:
+    if not traceparent:
+        return []
+    ctx = trace.get_current_span(
+        _propagator.extract({"traceparent": traceparent})
+    ).get_span_context()
+    return [Link(ctx)] if ctx.is_valid else []
+
+
+class _SpanHandling:
+    def __init__(self, span: trace.Span, started: float, record: Callable[..., None]) -> None:
+        self.span = span
+        self.started = started
+        self.record = record
+
+    def outcome(self, ok: bool, error: ErrorInfo | None, replayed: bool) -> None:
+        kind = "ok" if ok else ("business" if error and error.business else "technical")
+        self.span.set_attribute("saga.outcome", kind)
+        self.span.set_attribute("saga.replayed", replayed)
+        if error is not None:
+            self.span.set_attribute("saga.error.type", error.type)
+            self.span.set_attribute("saga.error.message", error.message[:500])
+            if not error.business:
+                self.span.set_status(Status(StatusCode.ERROR, error.message[:200]))
+        self.record(kind, time.monotonic() - self.started)
+
+    def traceparent(self) -> str | None:
+        carrier: dict[str, str] = {}
+        _propagator.inject(carrier, trace.set_span_in_context(self.span))
+        return carrier.get("traceparent")
+
+
+class OpenTelemetryObserver:
+    """The observer port on OpenTelemetry (see the module docstring for what it records).
+
+    Args:
+        tracer_provider: Where spans go. Give it `DeterministicIds` as its id generator, as
+            `from_env` does, or compensation links and command spans will not line up.
+        meter_provider: Where metrics go.
+        record_payloads: Put saga inputs and step outputs on spans (off by default: they may
+            hold personal data).
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider,
+        meter_provider: MeterProvider,
+        *,
+        record_payloads: bool = False,
+    ) -> None:
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.record_payloads = record_payloads
+        self.tracer = tracer_provider.get_tracer("saga")
+        meter: Meter = meter_provider.get_meter("saga")
+        self._started = meter.create_counter("saga.sagas.started", description="Sagas started")
+        self._ended = meter.create_counter("saga.sagas.ended", description="Sagas ended, by status")
+        self._retries = meter.create_counter("saga.step.retries", description="Retries scheduled")
+        self._dead = meter.create_counter("saga.dead_letters", description="Dead-lettered records")
+        self._saga_duration = meter.create_histogram("saga.saga.duration", unit="s")
+        self._step_duration = meter.create_histogram("saga.step.duration", unit="s")
+        self._handled = meter.create_counter("saga.participant.handled")
+        self._handle_duration = meter.create_histogram("saga.participant.duration", unit="s")
+        self._in_flight: list[Callable[[], int]] = []
+        meter.create_observable_gauge(
+            "saga.sagas.in_flight", callbacks=[self._observe_in_flight], description="Sagas running"
+        )
+
+    @classmethod
+    def from_env(
+        cls, service_name: str, *, readers: Iterable[MetricReader] = ()
+    ) -> OpenTelemetryObserver:
+        """Configured by the standard variables: ``OTEL_SERVICE_NAME``,
+        ``OTEL_EXPORTER_OTLP_ENDPOINT`` (default http://localhost:4318), ``OTEL_TRACES_EXPORTER``
+        (``otlp`` or ``none``), ``OTEL_METRICS_EXPORTER`` (``none`` unless set to ``otlp``:
+        Jaeger takes traces only), ``OTEL_SDK_DISABLED``; and ``SAGA_TRACE_PAYLOADS``."""
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name}
+        )
+        tracer_provider = TracerProvider(resource=resource, id_generator=DeterministicIds())
+        if not disabled and os.environ.get("OTEL_TRACES_EXPORTER", "otlp") == "otlp":
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        metric_readers = list(readers)
+        if not disabled and os.environ.get("OTEL_METRICS_EXPORTER", "none") == "otlp":
+            metric_readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        meter_provider = SdkMeterProvider(resource=resource, metric_readers=metric_readers)
+        payloads = os.environ.get("SAGA_TRACE_PAYLOADS", "") in ("1", "true")
+        return cls(tracer_provider, meter_provider, record_payloads=payloads)
+
+    def shutdown(self) -> None:
+        """Flushes and stops the exporters."""
+        self.tracer_provider.shutdown()
+        shutdown = getattr(self.meter_provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        del options
+        return [Observation(sum(count() for count in self._in_flight))]
+
+    # -- the observer port -------------------------------------------------------------------
+
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        """Registers how to count this process's sagas in flight."""
+        self._in_flight.append(count)
+
+    def dead_lettered(self, topic: str, reason: str) -> None:
+        """Counts a dead letter."""
+        self._dead.add(1, {"topic": topic, "reason": reason})
+
+    def committed(self, items: Sequence[Committed], committed_at: float) -> None:
+        """Spans and metrics for the decisions of one committed transaction."""
+        for item in items:
+            if item.decision.state is not None:
+                self._decision(item, committed_at)
+
+    @contextmanager
+    def handling(self, service: str, command: Command) -> Iterator[Handling]:
+        """A consumer span for one command, current while the handler runs."""
+        trace_id = trace_id_for(command.saga_id)
+        parent = _remote(
+            trace_id, command_span_id(command.saga_id, command.step, command.phase, command.attempt)
+        )
+        attributes: dict[str, Any] = {
+            "saga.id": command.saga_id,
+            "saga.name": command.saga_name,
+            "saga.step": command.step,
+            "saga.phase": command.phase,
+            "saga.attempt": command.attempt,
+            "saga.idempotency_key": command.idempotency_key,
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+        }
+        if self.record_payloads:
+            attributes["saga.payload"] = orjson.dumps(command.payload).decode()[:4000]
+        labels = {"service": service, "action": command.action}
+
+        def record(outcome: str, seconds: float) -> None:
+            self._handled.add(1, {**labels, "outcome": outcome})
+            self._handle_duration.record(seconds, {**labels, "outcome": outcome})
+
+        name = f"handle {service} {command.action}"
+        with self.tracer.start_as_current_span(
+            name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        ) as span:
+            yield _SpanHandling(span, time.monotonic(), record)
+
+    # -- spans for one decision ------------------------------------------------------------
+
+    def _decision(self, item: Committed, committed_at: float) -> None:
+        state = item.decision.state
+        assert state is not None
+        saga_id = state.saga_id
+        trace_id = trace_id_for(saga_id)
+        root = _remote(trace_id, root_span_id(saga_id))
+        base = {"saga.id": saga_id, "saga.name": state.name}
+        start, end = _ns(item.decided_at), _ns(max(committed_at, item.decided_at))
+        events = item.decision.events
+        for event in events:
+            if isinstance(event, SagaStarted):
+                self._root(event, trace_id, base)
+        name = f"decide {item.input_kind}"
+        if item.reply is not None:
+            name += f" {item.reply.step}.{item.reply.phase}"
+        span = self.tracer.start_span(
+            name,
+            context=root,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                **base,
+                "saga.input": item.input_kind,
+                "saga.status": state.status.value,
+                "saga.events": [getattr(e, "type", "") for e in events],
+            },
+            links=_link_to(item.trace_parent),
+            start_time=start,
+        )
+        for event in events:
+            span.add_event(getattr(event, "type", "event"), _event_attributes(event), _ns(event.at))
+        if item.decision.alerts:
+            span.set_status(Status(StatusCode.ERROR, "saga stuck"))
+        span.end(end)
+        for command in item.decision.commands:
+            self._send(command, state.steps[command.step].attempt, root, base, start, end)
+        for event in events:
+            self._metrics_and_marks(event, state, root, base)
+
+    def _root(self, event: SagaStarted, trace_id: int, base: dict[str, Any]) -> None:
+        attributes: dict[str, Any] = {**base, "saga.version": event.version}
+        if self.record_payloads:
+            attributes["saga.input_payload"] = orjson.dumps(event.input).decode()[:4000]
+        with _ids(trace_id, root_span_id(event.saga_id)):
+            span = self.tracer.start_span(
+                f"saga {event.name}",
+                context=otel_context.Context(),  # a root: no parent, whatever is current
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+                links=_link_to(event.trace_parent),
+                start_time=_ns(event.at),
+            )
+        span.end(_ns(event.at))
+        self._started.add(1, {"saga": event.name})
+
+    def _send(
+        self,
+        command: Command,
+        action_attempt: int,
+        root: otel_context.Context,
+        base: dict[str, Any],
+        start: int,
+        end: int,
+    ) -> None:
+        saga_id = command.saga_id
+        links = []
+        if command.phase == "compensation":
+            forward = command_span_id(saga_id, command.step, "action", max(1, action_attempt))
+            links.append(
+                Link(
+                    SpanContext(trace_id_for(saga_id), forward, True, TraceFlags(1)),
+                    {"saga.link": "compensates"},
+                )
+            )
+        verb = "compensate" if command.phase == "compensation" else "send"
+        span_id = command_span_id(saga_id, command.step, command.phase, command.attempt)
+        with _ids(None, span_id):
+            span = self.tracer.start_span(
+                f"{verb} {command.service} {command.action}",
+                context=root,
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    **base,
+                    "saga.step": command.step,
+                    "saga.phase": command.phase,
+                    "saga.attempt": command.attempt,
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "send",
+                },
+                links=links,
+                start_time=start,
+            )
+        span.end(end)
+
+    def _metrics_and_marks(
+        self, event: EventBase, state: Any, root: otel_context.Context, base: dict[str, Any]
+    ) -> None:
+        labels = {"saga": state.name}
+        if isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
+            phase = "action" if isinstance(event, StepRetryScheduled) else "compensation"
+            self._retries.add(1, {**labels, "step": event.step, "phase": phase})
+            span = self.tracer.start_span(
+                f"backoff {event.step}",
+                context=root,
+                attributes={
+                    **base,
+                    "saga.step": event.step,
+                    "saga.phase": phase,
+                    "saga.attempt": event.attempt,
+                    "saga.error.type": event.error.type,
+                    "saga.error.message": event.error.message[:500],
+                },
+                start_time=_ns(event.at),
+            )
+            span.end(_ns(event.retry_at))
+        elif isinstance(event, StepSucceeded | StepFailedEvent | StepTimedOut):
+            started = state.steps[event.step].started_at
+            if started is not None:
+                outcome = (
+                    "succeeded"
+                    if isinstance(event, StepSucceeded)
+                    else "failed"
+                    if isinstance(event, StepFailedEvent)
+                    else "timed_out"
+                )
+                self._step_duration.record(
+                    event.at - started, {**labels, "step": event.step, "outcome": outcome}
+                )
+        elif type(event) in _ENDINGS:
+            status = _ENDINGS[type(event)]
+            self._ended.add(1, {**labels, "status": status})
+            self._saga_duration.record(event.at - state.started_at, {**labels, "status": status})
+            span = self.tracer.start_span(
+                f"saga {status}",
+                context=root,
+                attributes={**base, "saga.status": status, "saga.reason": state.reason or ""},
+                start_time=_ns(state.started_at),
+            )
+            if status == "stuck":
+                span.set_status(Status(StatusCode.ERROR, state.reason or "stuck"))
+            span.end(_ns(event.at))
+
+
+def _event_attributes(event: EventBase) -> dict[str, Any]:
+    allowed = ("step", "attempt", "reason", "retry_at", "deadline_at", "phase")
+    found: dict[str, Any] = {k: getattr(event, k) for k in allowed if getattr(event, k, None)}
+    error = getattr(event, "error", None)
+    if isinstance(error, ErrorInfo):
+        found["error.type"] = error.type
+        found["error.message"] = error.message[:500]
+    return found
