@@ -140,6 +140,7 @@ class KafkaTransport:
             heartbeat_interval_ms=1_000,
             max_poll_interval_ms=120_000,
             metadata_max_age_ms=30_000,
+            fetch_max_wait_ms=50,  # replies wait on this: a long poll would add latency per step
         )
         consumer.subscribe(list(topics), listener=_Listener(listener))
         await _start(consumer, self.deadline, f"consumer of group {group_id!r}")

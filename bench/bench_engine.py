@@ -1,0 +1,143 @@
+"""End-to-end throughput and latency on a real broker, with tracing off and on in one run.
+
+Run: ``python -m bench.bench_engine --bootstrap HOST:PORT [--otlp http://HOST:4318]
+[--sagas 300] [--window 50]``. Without ``--bootstrap`` it starts a throwaway broker (and, for
+the tracing run, a Jaeger) with `deploy`. The coordinator and four participants run in this
+process (one core), so the figures are a floor for a deployment with one process per service.
+Prints one JSON object per run and the ratio between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+import uuid
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+
+from saga import Coordinator, Participant, SagaDefinition, SagaStatus, Step, StepContext
+from saga.adapters.kafka import KafkaTransport
+from saga.runtime.observe import NullObserver, Observer
+
+DEFINITION = SagaDefinition(
+    name="bench",
+    steps=[
+        Step(name="a", service="s1", action="do", compensation="undo"),
+        Step(name="b", service="s2", action="do", compensation="undo", depends_on=["a"]),
+        Step(name="c", service="s3", action="do", compensation="undo", depends_on=["a"]),
+        Step(name="d", service="s4", action="do", kind="pivot", depends_on=["b", "c"]),
+    ],
+)
+
+
+def participants(prefix: str, observer: Observer) -> list[Participant]:
+    found = []
+    for service in ("s1", "s2", "s3", "s4"):
+        p = Participant(service, prefix=prefix, observer=observer)
+
+        @p.handler("do")
+        async def do(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+            return {"ok": ctx.step}
+
+        @p.handler("undo")
+        async def undo(payload: dict[str, Any], ctx: StepContext) -> None:
+            return None
+
+        found.append(p)
+    return found
+
+
+async def one_run(bootstrap: str, sagas: int, window: int, observer: Observer) -> dict[str, Any]:
+    """Runs ``sagas`` sagas with at most ``window`` in flight; returns the figures."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    transport = KafkaTransport(bootstrap)
+    coordinator = Coordinator([DEFINITION], transport=transport, prefix=prefix, observer=observer)
+    async with coordinator:
+        services = participants(prefix, observer)
+        for p in services:
+            p.transport = transport
+        async with anyio.create_task_group() as tg:
+            for p in services:
+                await tg.start(p.run)
+            # Warm up: topics, group joins and metadata are not what we measure.
+            warm = await coordinator.start("bench", {})
+            await coordinator.wait(warm, 60)
+            limiter = anyio.Semaphore(window)
+            latencies: list[float] = []
+
+            async def one(i: int) -> None:
+                async with limiter:
+                    t0 = time.perf_counter()
+                    saga_id = await coordinator.start("bench", {"i": i})
+                    state = await coordinator.wait(saga_id, 120)
+                    assert state.status is SagaStatus.COMPLETED
+                    latencies.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as runs:
+                for i in range(sagas):
+                    runs.start_soon(one, i)
+            elapsed = time.perf_counter() - t0
+            tg.cancel_scope.cancel()
+    latencies.sort()
+    return {
+        "sagas": sagas,
+        "window": window,
+        "seconds": round(elapsed, 3),
+        "sagas_per_s": round(sagas / elapsed, 1),
+        "steps_per_s": round(4 * sagas / elapsed, 1),
+        "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "latency_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 1),
+        "latency_per_step_p50_ms": round(statistics.median(latencies) * 1000 / 3, 1),
+        "transactions": coordinator.stats.transactions,
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    """Parses arguments, runs tracing off then on, prints JSON lines and the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bootstrap")
+    parser.add_argument("--otlp", help="OTLP HTTP endpoint for the tracing run")
+    parser.add_argument("--sagas", type=int, default=300)
+    parser.add_argument("--window", type=int, default=50)
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        bootstrap, otlp = args.bootstrap, args.otlp
+        if bootstrap is None:
+            from deploy.kafka import start_kafka
+
+            bootstrap = stack.enter_context(start_kafka()).bootstrap_servers
+        if otlp is None:
+            from deploy.jaeger import start_jaeger
+
+            otlp = stack.enter_context(start_jaeger()).otlp_http_endpoint
+        from saga.adapters.tracing import OpenTelemetryObserver
+
+        off = anyio.run(one_run, bootstrap, args.sagas, args.window, NullObserver())
+        print(json.dumps({"tracing": "off", **off}), flush=True)
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
+        observer = OpenTelemetryObserver.from_env("bench")
+        on = anyio.run(one_run, bootstrap, args.sagas, args.window, observer)
+        observer.shutdown()
+        print(json.dumps({"tracing": "on", **on}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "throughput_on_over_off": round(on["sagas_per_s"] / off["sagas_per_s"], 3),
+                    "p50_latency_on_over_off": round(
+                        on["latency_p50_ms"] / off["latency_p50_ms"], 3
+                    ),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
