@@ -60,6 +60,7 @@ from saga.runtime.client import SagaClient
 from saga.runtime.observe import Committed, NullObserver, Observer, command_traceparent
 from saga.runtime.ports import (
     Clock,
+    Consumer,
     Outgoing,
     Record,
     SystemClock,
@@ -238,7 +239,7 @@ class Coordinator:
                 while True:
                     records = await consumer.poll(self._poll_timeout(), self.batch_size)
                     async with self._lock:
-                        await self._reacquire_lost(consumer.assignment())
+                        await self._reacquire_lost(consumer)
                         await self._process_batch(records, consumer)
             finally:
                 with anyio.CancelScope(shield=True):
@@ -269,11 +270,20 @@ class Coordinator:
                     await self._acquire(p)
             self._assigned.set()
 
-    async def _reacquire_lost(self, assignment: frozenset[TopicPartition]) -> None:
+    async def _reacquire_lost(self, consumer: Consumer) -> None:
+        assignment = consumer.assignment()
         for p in sorted(self._lost):
             self._lost.discard(p)
             if (self.topics.requests, p) in assignment and p not in self._parts:
                 await self._acquire(p)
+                if p in self._parts:
+                    # Records of p polled while it was lost were passed over: read them again.
+                    inputs = frozenset({(self.topics.requests, p), (self.topics.replies, p)})
+                    try:
+                        await consumer.seek_to_committed(inputs)
+                    except TransportError:
+                        await self._drop(p)
+                        self._lost.add(p)
 
     async def _acquire(self, p: int) -> None:
         started = self.clock.now()
@@ -291,6 +301,15 @@ class Coordinator:
                     [*poison, self._checkpoint_record(checkpoint)],
                     {},
                     self.topics.coordinator_group,
+                )
+                self._count_dead(
+                    [
+                        (
+                            (_header(r, "saga.dlq.source") or "?").rsplit("/", 2)[0],
+                            _header(r, "saga.dlq.reason") or "?",
+                        )
+                        for r in poison
+                    ]
                 )
         except (TransportError, TimeoutError, OSError) as exc:
             await stack.aclose()
@@ -361,7 +380,7 @@ class Coordinator:
 
     # -- processing --------------------------------------------------------------------------
 
-    async def _process_batch(self, records: list[Record], consumer: Any) -> None:
+    async def _process_batch(self, records: list[Record], consumer: Consumer) -> None:
         now = self.clock.now()
         by_partition: dict[int, list[Record]] = defaultdict(list)
         for record in records:
@@ -375,7 +394,7 @@ class Coordinator:
                 tg.start_soon(self._process_partition, p, by_partition.get(p, []), now, consumer)
 
     async def _process_partition(
-        self, p: int, records: list[Record], now: float, consumer: Any
+        self, p: int, records: list[Record], now: float, consumer: Consumer
     ) -> None:
         part = self._parts[p]
         staged: dict[str, SagaState] = {}
@@ -429,8 +448,7 @@ class Coordinator:
             return
         self.stats.transactions += 1
         self.observer.committed(seen, self.clock.now())
-        for topic, reason in dead:
-            self.observer.dead_lettered(topic, reason)
+        self._count_dead(dead)
         log_offsets = [o for r, o in zip(out, written, strict=True) if r.topic == self.topics.log]
         if log_offsets:
             part.log_next = max(log_offsets) + 1
@@ -480,8 +498,13 @@ class Coordinator:
             return None
         return decision, message
 
+    def _count_dead(self, dead: list[tuple[str, str]]) -> None:
+        """Counts dead letters once their transaction committed (a retried batch counts once)."""
+        for topic, reason in dead:
+            self.stats.dead_letters[reason] += 1
+            self.observer.dead_lettered(topic, reason)
+
     def _dead(self, record: Record, reason: str, detail: str) -> Outgoing:
-        self.stats.dead_letters[reason] += 1
         log.warning(
             "dead-lettered %s/%d/%d: %s: %s",
             record.topic,

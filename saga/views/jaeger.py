@@ -1,0 +1,121 @@
+"""A saga's trace, fetched from Jaeger's query API and drawn as a waterfall in the terminal.
+
+The local Jaeger has no web UI (see README), but its API (``/api/traces/<id>``) is complete;
+this view is what a person needs from it: which service did what, when, for how long, and
+which compensation undid which step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from saga.core.ids import trace_id_for
+
+__all__ = ["DEFAULT_JAEGER_URL", "TraceSpan", "fetch_trace", "trace_url", "waterfall"]
+
+DEFAULT_JAEGER_URL = os.environ.get("SAGA_JAEGER_URL", "http://127.0.0.1:16686")
+"""Jaeger's query address: ``SAGA_JAEGER_URL`` or the local stack's."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSpan:
+    """One span of a saga's trace, as Jaeger returned it."""
+
+    span_id: str
+    parent_id: str | None
+    links: tuple[str, ...]
+    service: str
+    name: str
+    start_us: int
+    duration_us: int
+    error: bool
+
+
+def trace_url(saga_id: str, base: str = DEFAULT_JAEGER_URL) -> str:
+    """The Jaeger page of the saga's trace."""
+    return f"{base.rstrip('/')}/trace/{trace_id_for(saga_id):032x}"
+
+
+def fetch_trace(
+    saga_id: str, base: str = DEFAULT_JAEGER_URL, timeout: float = 10
+) -> list[TraceSpan]:
+    """The saga's spans from Jaeger, by start time.
+
+    Raises:
+        LookupError: Jaeger has no trace for the saga (yet: spans are exported in batches).
+        OSError: Jaeger could not be reached.
+    """
+    url = f"{base.rstrip('/')}/api/traces/{trace_id_for(saga_id):032x}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise LookupError(f"Jaeger at {base} has no trace for saga {saga_id!r}") from None
+        raise
+    traces = body.get("data") or []
+    if not traces:
+        raise LookupError(f"Jaeger at {base} has no trace for saga {saga_id!r}")
+    trace = traces[0]
+    services = {k: v["serviceName"] for k, v in trace["processes"].items()}
+    spans = []
+    for s in trace["spans"]:
+        refs = s.get("references") or []
+        parent = next((r["spanID"] for r in refs if r["refType"] == "CHILD_OF"), None)
+        links = tuple(r["spanID"] for r in refs if r["refType"] == "FOLLOWS_FROM")
+        error = any(t.get("key") == "error" and t.get("value") for t in s.get("tags", []))
+        spans.append(
+            TraceSpan(
+                s["spanID"],
+                parent,
+                links,
+                services.get(s["processID"], "?"),
+                s["operationName"],
+                int(s["startTime"]),
+                int(s["duration"]),
+                error,
+            )
+        )
+    return sorted(spans, key=lambda x: (x.start_us, x.name))
+
+
+def waterfall(spans: list[TraceSpan], width: int = 48) -> str:
+    """Spans as indented rows with bars on a shared time axis."""
+    if not spans:
+        return "(no spans)"
+    t0 = min(s.start_us for s in spans)
+    t1 = max(s.start_us + s.duration_us for s in spans)
+    scale = width / max(1, t1 - t0)
+    by_id = {s.span_id: s for s in spans}
+
+    def depth(s: TraceSpan) -> int:
+        d, seen = 0, set()
+        while s.parent_id in by_id and s.parent_id not in seen:
+            seen.add(s.parent_id)
+            s = by_id[s.parent_id]
+            d += 1
+        return d
+
+    rows = [f"trace of {(t1 - t0) / 1000:.1f} ms, {len(spans)} spans"]
+    for s in spans:
+        left = int((s.start_us - t0) * scale)
+        size = max(1, int(s.duration_us * scale))
+        bar = " " * left + ("!" if s.error else "=") * size
+        label = "  " * depth(s) + s.name
+        undo = ""
+        if s.links and s.name.startswith("compensate"):
+            target = by_id.get(s.links[0])
+            undo = f"  (undoes {target.name})" if target else "  (undoes a step)"
+        rows.append(
+            f"{s.service[:16]:<16} {label[:40]:<40} |{bar:<{width}}| "
+            f"{s.duration_us / 1000:8.1f} ms{undo}"
+        )
+    orphans = [s for s in spans if s.parent_id and s.parent_id not in by_id]
+    if orphans:
+        rows.append(f"({len(orphans)} spans whose parent is not in the trace yet)")
+    return "\n".join(rows)
