@@ -33,6 +33,19 @@ async def read_all(t: Transport, topic: str, partition: int, start: int = 0) -> 
     return [r async for r in t.read(topic, partition, start)]
 
 
+async def read_eventually(
+    t: Transport, topic: str, partition: int, count: int, start: int = 0
+) -> list[Record]:
+    """Kafka writes a transaction's commit markers after the commit call returns, so a
+    read_committed reader sees the records a moment later; the memory broker at once."""
+    with anyio.fail_after(10):
+        while True:  # polling a broker: there is no event to wait on
+            found = await read_all(t, topic, partition, start)
+            if len(found) >= count:
+                return found
+            await anyio.sleep(0.05)
+
+
 async def poll_until(consumer: object, count: int, seconds: float = 20) -> list[Record]:
     got: list[Record] = []
     with anyio.fail_after(seconds):
@@ -89,7 +102,7 @@ async def test_transaction_writes_records_and_offsets_atomically(transport: Tran
         )
     assert offsets == sorted(offsets)
     assert len(offsets) == 2
-    assert [r.value for r in await read_all(transport, dst, 0)] == [b"a", b"b"]
+    assert [r.value for r in await read_eventually(transport, dst, 0, 2)] == [b"a", b"b"]
     assert [r.value for r in await read_all(transport, dst, 0, offsets[1])] == [b"b"]
     async with transport.producer() as producer:
         await producer.send([Outgoing(src, b"k", f"{i}".encode()) for i in range(9)])
@@ -107,7 +120,7 @@ async def test_a_newer_transactional_producer_fences_the_older(transport: Transp
             with pytest.raises(Fenced):
                 await old.commit([Outgoing(dst, b"k", b"zombie", partition=0)], {}, unique("g"))
             await new.commit([Outgoing(dst, b"k", b"new", partition=0)], {}, unique("g"))
-    assert [r.value for r in await read_all(transport, dst, 0)] == [b"old", b"new"]
+    assert [r.value for r in await read_eventually(transport, dst, 0, 2)] == [b"old", b"new"]
 
 
 async def test_range_assignment_keeps_copartitioned_topics_together(transport: Transport) -> None:
