@@ -1,0 +1,82 @@
+# Local development and CI entry points. `make test` is what CI runs (.ci/run).
+#
+# Kafka and Jaeger run natively, no Docker needed: the first `make deps` downloads Kafka with
+# Maven (about a minute) and builds Jaeger with Go (several minutes); both are cached under
+# ~/.cache/saga-engine (or $XDG_CACHE_HOME/saga-engine), so later runs start in seconds.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Written after a successful install; pip runs again whenever pyproject.toml is newer.
+STAMP := $(VENV)/.installed
+# Directories mypy checks; `services` joins as soon as it exists.
+TYPED := $(wildcard saga deploy services)
+
+KAFKA_PORT ?= 9092
+KAFKA_CONTROLLER_PORT ?= 9093
+
+.PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo clean
+
+help:
+	@echo "make install      create .venv and install the project with its dev extras"
+	@echo "make deps         fetch Kafka and build Jaeger into the user cache (once)"
+	@echo "make kafka-up     start Kafka on 127.0.0.1:$(KAFKA_PORT) in the background"
+	@echo "make kafka-down   stop it"
+	@echo "make jaeger-up    start Jaeger (OTLP 4317/4318, UI http://127.0.0.1:16686)"
+	@echo "make jaeger-down  stop it"
+	@echo "make lint         ruff and mypy --strict"
+	@echo "make test         install, deps, lint, then pytest (starts its own Kafka and Jaeger)"
+	@echo "make demo         run the example services against kafka-up and jaeger-up"
+	@echo "make clean        remove .venv and the project's caches (not ~/.cache)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+.venv install: $(STAMP)
+
+deps: $(STAMP)
+	$(PY) -m deploy.kafka fetch
+	$(PY) -m deploy.jaeger build
+	$(PY) -m deploy.compose install
+
+kafka-up: $(STAMP)
+	$(PY) -m deploy.kafka up --port $(KAFKA_PORT) --controller-port $(KAFKA_CONTROLLER_PORT)
+
+kafka-down: $(STAMP)
+	$(PY) -m deploy.kafka down
+
+jaeger-up: $(STAMP)
+	$(PY) -m deploy.jaeger up
+
+jaeger-down: $(STAMP)
+	$(PY) -m deploy.jaeger down
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy --strict $(TYPED)
+
+# Sequential on purpose, even under `make -j`: lint failures should stop the run before the
+# slow part, and deps must be complete before pytest's fixtures start Kafka and Jaeger.
+test: $(STAMP)
+	$(MAKE) --no-print-directory deps
+	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(MAKE) --no-print-directory deps
+	$(MAKE) --no-print-directory kafka-up
+	$(MAKE) --no-print-directory jaeger-up
+	SAGA_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) \
+	OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 \
+	$(PY) -m services.demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
