@@ -19,7 +19,8 @@ from deploy._proc import require_tool
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _kafka_pids() -> set[int]:
+def _kafka_pids(marker: str = "") -> set[int]:
+    """Kafka JVMs, optionally only those whose command line names ``marker`` (a data dir)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -27,7 +28,7 @@ def _kafka_pids() -> set[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"kafka.Kafka" in cmdline and b"java" in cmdline:
+            if b"kafka.Kafka" in cmdline and b"java" in cmdline and marker.encode() in cmdline:
                 pids.add(int(entry.name))
     return pids
 
@@ -77,9 +78,7 @@ def test_busy_jaeger_port_fails_clearly(busy_port: int) -> None:
         jaeger_mod.start_jaeger(otlp_http_port=busy_port)
 
 
-def test_cli_up_on_busy_port_exits_1_with_the_port_named(
-    busy_port: int, empty_cache: Path
-) -> None:
+def test_cli_up_on_busy_port_exits_1_with_the_port_named(busy_port: int, empty_cache: Path) -> None:
     done = _cli("deploy.kafka", "up", "--port", str(busy_port), env=dict(os.environ))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
@@ -121,9 +120,7 @@ def test_half_fetched_kafka_is_fetched_again(empty_cache: Path, no_tools: None) 
         kafka_mod.fetch()
 
 
-def test_complete_kafka_cache_is_reused_without_any_tool(
-    empty_cache: Path, no_tools: None
-) -> None:
+def test_complete_kafka_cache_is_reused_without_any_tool(empty_cache: Path, no_tools: None) -> None:
     home = kafka_mod.kafka_home()
     (home / "libs").mkdir(parents=True)
     (home / "complete").write_text(kafka_mod._fingerprint() + "\n")
@@ -148,8 +145,7 @@ def test_broker_crash_during_start_quotes_its_log_and_leaves_nothing(tmp_path: P
     meta = data / "logs" / "meta.properties"
     # A node id that does not match server.properties makes the broker refuse to start.
     meta.write_text(meta.read_text().replace("node.id=1", "node.id=7"))
-    before = _kafka_pids()
     with pytest.raises(StartError, match=r"exited with code \d+ during start-up") as info:
         kafka_mod.start_kafka(data_dir=data)
     assert "Last lines of" in str(info.value)
-    assert _kafka_pids() <= before
+    assert _kafka_pids(str(data)) == set()
