@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("saga_id")
 
+    p = sub.add_parser("trace", parents=[common], help="draw a saga's trace from Jaeger")
+    p.add_argument("saga_id")
+    p.add_argument("--jaeger", default=None, help="Jaeger query URL (default: $SAGA_JAEGER_URL)")
+
     p = sub.add_parser("list", parents=[common], help="list sagas")
     p.add_argument("--status", choices=[s.value for s in SagaStatus])
 
@@ -120,6 +124,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "retry": _retry,
         "resolve": _resolve,
         "graph": _graph,
+        "trace": _trace,
     }
     try:
         return await handlers[args.command](args)
@@ -256,7 +261,43 @@ async def _status(args: argparse.Namespace) -> int:
         raise CliError(
             f"no saga {args.saga_id!r} under prefix {args.prefix!r}: check the id and --prefix"
         )
-    _out(args, state.model_dump(mode="json"), render.status(state))
+    from saga.views.jaeger import trace_url
+
+    link = trace_url(state.saga_id)
+    data = {**state.model_dump(mode="json"), "trace_url": link}
+    _out(args, data, f"{render.status(state)}\n\ntrace     {link}")
+    return 0
+
+
+async def _trace(args: argparse.Namespace) -> int:
+    from saga.views import jaeger
+
+    base = args.jaeger or jaeger.DEFAULT_JAEGER_URL
+    try:
+        spans = await anyio.to_thread.run_sync(jaeger.fetch_trace, args.saga_id, base)
+    except LookupError as exc:
+        raise CliError(
+            f"{exc}; spans are exported in batches, so try again in a few seconds"
+        ) from None
+    except OSError as exc:
+        raise CliError(
+            f"cannot reach Jaeger at {base} ({exc}): "
+            "start it with `make jaeger-up`, or pass --jaeger"
+        ) from None
+    data = [
+        {
+            "span_id": s.span_id,
+            "parent_id": s.parent_id,
+            "links": list(s.links),
+            "service": s.service,
+            "name": s.name,
+            "start_us": s.start_us,
+            "duration_us": s.duration_us,
+            "error": s.error,
+        }
+        for s in spans
+    ]
+    _out(args, data, f"{jaeger.trace_url(args.saga_id, base)}\n{jaeger.waterfall(spans)}")
     return 0
 
 

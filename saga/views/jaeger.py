@@ -81,7 +81,9 @@ def fetch_trace(
                 error,
             )
         )
-    return sorted(spans, key=lambda x: (x.start_us, x.name))
+    # The root first, then by start time: the root is recorded at the same instant as the
+    # first decision, and a waterfall reads best from the top of the tree.
+    return sorted(spans, key=lambda x: (x.parent_id is not None, x.start_us, x.name))
 
 
 def waterfall(spans: list[TraceSpan], width: int = 48) -> str:

@@ -1,0 +1,1 @@
+"""Views of sagas for people: traces from Jaeger, and views built from the log."""
