@@ -1,0 +1,251 @@
+"""Properties of the core over random sagas and random schedules (hypothesis).
+
+For every random valid DAG definition and every random schedule of replies (successes,
+business and technical failures, duplicates, stale replies, lost commands, clock jumps):
+every saga terminates; every executed trace is legal; each decision's state is the fold of its
+events (checked inside the simulator); and random defects make definitions invalid with the
+right rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from saga.core.definition import DependencyType, RetryPolicy, SagaDefinition, Step, StepKind
+from saga.core.messages import (
+    CompensationStarted,
+    CompensationSucceeded,
+    StepFailedEvent,
+    StepStarted,
+    StepSucceeded,
+)
+from saga.core.state import SagaStatus, StepStatus
+from saga.errors import DefinitionError
+from tests.core.sim import Sim
+
+TYPES = list(DependencyType)
+
+
+@st.composite
+def definitions(draw: st.DrawFn) -> SagaDefinition:
+    """DAGs whose edges go from lower to higher index; optionally a pivot at index k, with
+    compensatable steps before it and retriable ones after (the index order makes every
+    pivot rule hold by construction)."""
+    n = draw(st.integers(2, 6))
+    pivot = draw(st.one_of(st.none(), st.integers(1, n - 1)))
+    steps = []
+    for i in range(n):
+        deps: list[Any] = []
+        for j in range(i):
+            if draw(st.integers(0, 2)) == 0 or (j == i - 1 and draw(st.booleans())):
+                deps.append({"step": f"s{j}", "type": draw(st.sampled_from(TYPES))})
+        if pivot is None or i < pivot:
+            kind = StepKind.COMPENSATABLE
+        else:
+            kind = StepKind.PIVOT if i == pivot else StepKind.RETRIABLE
+        retry = RetryPolicy(max_attempts=draw(st.integers(1, 3)), initial_backoff=1, jitter=0.5)
+        steps.append(
+            Step(
+                name=f"s{i}",
+                service=f"svc{i % 3}",
+                action="do",
+                compensation="undo" if kind is StepKind.COMPENSATABLE else None,
+                kind=kind,
+                depends_on=deps,
+                retry=retry,
+                compensation_retry=RetryPolicy(
+                    max_attempts=draw(st.integers(1, 3)), initial_backoff=1
+                ),
+                timeout=draw(st.sampled_from([2.0, 5.0])),
+            )
+        )
+    return SagaDefinition(name="random", steps=steps)
+
+
+def run(sim: Sim, data: st.DataObject, budget: int = 120) -> None:
+    """A random schedule, then a fair one (everything delivered, successes), to the end."""
+    for _ in range(budget):
+        assert sim.state is not None
+        if sim.state.is_final:
+            return
+        move = data.draw(st.sampled_from(["ok", "ok", "ok", "biz", "tech", "dup", "lose", "tick"]))
+        if move == "tick" or not sim.inflight:
+            if sim.state.is_final:
+                return
+            sim.tick()
+            continue
+        command = sim.inflight.pop(data.draw(st.integers(0, len(sim.inflight) - 1)))
+        if move == "lose":
+            continue
+        if move == "dup":
+            sim.inflight.append(command)
+        sim.reply(command, ok=move in ("ok", "dup"), business=move == "biz")
+    for _ in range(400):
+        assert sim.state is not None
+        if sim.state.is_final:
+            return
+        if sim.inflight:
+            sim.reply(sim.inflight.pop(0))
+        else:
+            sim.tick()
+    raise AssertionError(f"saga did not end: {sim.state}")
+
+
+def check_legal(sim: Sim) -> None:
+    state = sim.state
+    assert state is not None
+    d = sim.d
+    order = {id(e): i for i, e in enumerate(sim.events)}
+    undo_start = {e.step: order[id(e)] for e in sim.events if isinstance(e, CompensationStarted)}
+    undo_end = {e.step: order[id(e)] for e in sim.events if isinstance(e, CompensationSucceeded)}
+    undo_done = {step: i for i, (kind, step) in enumerate(sim.history()) if kind == "C"}
+    started = {e.step for e in sim.events if isinstance(e, StepStarted)}
+    succeeded = {e.step for e in sim.events if isinstance(e, StepSucceeded)}
+
+    # Compensations only for steps that started, only for compensatable steps.
+    for step in undo_start:
+        assert step in started
+        assert d.step(step).kind is StepKind.COMPENSATABLE
+    # Nothing is compensated once the pivot succeeded; nothing compensates a pivot or later.
+    pivot = d.pivot
+    if pivot and pivot in succeeded:
+        assert not undo_start
+    # No action is sent for a step after its compensation started.
+    for e in sim.events:
+        if isinstance(e, StepStarted) and e.step in undo_start:
+            assert order[id(e)] < undo_start[e.step]
+    # Reverse happens-before: a step's undo starts only after every dependent that started was
+    # undone (its compensation succeeded) or failed without effect.
+    failed = {e.step: order[id(e)] for e in sim.events if isinstance(e, StepFailedEvent)}
+    for step, at in undo_start.items():
+        for dependent, _ in d.dependents(step):
+            if dependent in started:
+                settled_at = undo_end.get(dependent, failed.get(dependent, at + 1))
+                assert settled_at < at, (step, dependent)
+    # Outcomes.
+    if state.status is SagaStatus.COMPLETED:
+        assert all(s.status is StepStatus.SUCCEEDED for s in state.steps.values())
+        assert not undo_start
+    if state.status is SagaStatus.COMPENSATED:
+        for name, s in state.steps.items():
+            assert s.status in (StepStatus.PENDING, StepStatus.FAILED, StepStatus.COMPENSATED), name
+        for step in succeeded:
+            assert step in undo_done
+    # For a pure chain the trace is T1..Tj Cj..C1 (Garcia-Molina and Salem).
+    if is_chain(d) and state.status is not SagaStatus.STUCK:
+        history = sim.history()
+        forward = [s for k, s in history if k == "T"]
+        backward = [s for k, s in history if k == "C"]
+        assert [k for k, _ in history] == ["T"] * len(forward) + ["C"] * len(backward)
+        assert forward == [s.name for s in d.steps][: len(forward)]
+        assert all(
+            b in forward or state.steps[b].status is StepStatus.COMPENSATED for b in backward
+        )
+        assert [s for s in reversed([s.name for s in d.steps]) if s in backward] == backward
+
+
+def is_chain(d: SagaDefinition) -> bool:
+    return all(
+        [(dep.step, dep.type) for dep in s.depends_on]
+        == ([(f"s{i - 1}", DependencyType.FINISH_TO_START)] if i else [])
+        for i, s in enumerate(d.steps)
+    )
+
+
+SETTINGS = settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@SETTINGS
+@given(definitions(), st.data())
+def test_every_saga_terminates_with_a_legal_trace(d: SagaDefinition, data: st.DataObject) -> None:
+    sim = Sim(d)
+    sim.start({"k": 1})
+    run(sim, data)
+    check_legal(sim)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 6), st.data())
+def test_chains_follow_garcia_molina_and_salem(n: int, data: st.DataObject) -> None:
+    steps = [
+        Step(
+            name=f"s{i}",
+            service="svc",
+            action="do",
+            compensation="undo",
+            depends_on=[f"s{i - 1}"] if i else [],
+            retry=RetryPolicy(max_attempts=2, initial_backoff=1),
+        )
+        for i in range(n)
+    ]
+    sim = Sim(SagaDefinition(name="chain", steps=steps))
+    sim.start()
+    run(sim, data)
+    check_legal(sim)
+    assert sim.state is not None
+    assert sim.state.status is not SagaStatus.STUCK or any(
+        s.stuck_phase == "compensation" for s in sim.state.steps.values()
+    )
+
+
+DEFECTS = {
+    "cycle": "[acyclic]",
+    "unknown": "[known-dependency]",
+    "no_compensation": "[compensation-required]",
+    "compensatable_after_pivot": "[compensatable-before-pivot]",
+    "duplicate": "[unique-names]",
+    "retriable_without_pivot": "[retriable-after-pivot]",
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(definitions(), st.sampled_from(sorted(DEFECTS)), st.data())
+def test_random_defects_are_rejected_with_their_rule(
+    d: SagaDefinition, defect: str, data: st.DataObject
+) -> None:
+    raw = d.to_dict()
+    steps = raw["steps"]
+    last = steps[-1]
+    if defect == "cycle":
+        last.setdefault("depends_on", []).append({"step": steps[0]["name"]})
+        steps[0].setdefault("depends_on", []).append({"step": last["name"]})
+    elif defect == "unknown":
+        last.setdefault("depends_on", []).append({"step": "nowhere"})
+    elif defect == "no_compensation":
+        first = steps[0]
+        first.pop("compensation", None)
+        first.pop("kind", None)
+    elif defect == "compensatable_after_pivot":
+        pivot = next((s for s in steps if s.get("kind") == "pivot"), None)
+        if pivot is None:
+            pivot = last
+            pivot["kind"] = "pivot"
+            pivot.pop("compensation", None)
+        steps.append(
+            {
+                "name": "late",
+                "service": "x",
+                "action": "y",
+                "compensation": "z",
+                "depends_on": [{"step": pivot["name"]}],
+            }
+        )
+    elif defect == "duplicate":
+        steps.append(dict(steps[0]))
+    else:
+        for s in steps:
+            if s.get("kind") == "pivot":
+                s["kind"] = "compensatable"
+                s["compensation"] = "undo"
+        steps.append({"name": "fwd", "service": "x", "action": "y", "kind": "retriable"})
+    with pytest.raises(DefinitionError) as info:
+        SagaDefinition.from_dict(raw)
+    assert any(DEFECTS[defect] in p for p in info.value.problems), info.value.problems
