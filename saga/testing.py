@@ -131,13 +131,17 @@ class SagaHarness:
     async def __aenter__(self) -> SagaHarness:
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._stack.callback(self._tg.cancel_scope.cancel)
-        self._coordinator_scope = await self._tg.start(_host, self.coordinator.run)
-        for p in self.participants:
-            p.transport = self.transport
-            p.clock = self.clock
-            for action, registered in list(p._handlers.items()):
-                p._handlers[action] = self._instrument(p.service, action, registered)
-            await self._tg.start(_host, p.run)
+        try:
+            self._coordinator_scope = await self._tg.start(_host, self.coordinator.run)
+            for p in self.participants:
+                p.transport = self.transport
+                p.clock = self.clock
+                for action, registered in list(p._handlers.items()):
+                    p._handlers[action] = self._instrument(p.service, action, registered)
+                await self._tg.start(_host, p.run)
+        except BaseException:
+            await self._stack.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -22,7 +23,7 @@ import orjson
 from saga.cli import render
 from saga.core.definition import SagaDefinition
 from saga.core.state import SagaStatus
-from saga.errors import DefinitionError, SagaTimeout, UnknownSaga
+from saga.errors import DefinitionError, SagaTimeout, TransportError, UnknownSaga
 
 __all__ = ["load_app", "main"]
 
@@ -98,6 +99,38 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("saga_id")
 
+    p = sub.add_parser(
+        "rebuild",
+        parents=[common],
+        help="rebuild every saga from the log and check the snapshots (exit 3 if they differ)",
+    )
+    window = p.add_mutually_exclusive_group()
+    window.add_argument(
+        "--from-offset",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="start at offset N of each partition",
+    )
+    window.add_argument(
+        "--from-time",
+        type=_iso_time,
+        metavar="ISO8601",
+        help="start at each partition's first record at or after this time (UTC if no zone)",
+    )
+
+    p = sub.add_parser("timeline", parents=[common], help="write a saga's timeline as HTML")
+    p.add_argument("saga_id")
+    p.add_argument("--out", help="the HTML file to write (default: saga-<id>.html)")
+
+    p = sub.add_parser("watch", parents=[common], help="show sagas' progress live")
+    p.add_argument("--from-start", action="store_true", help="read the log from its beginning")
+    p.add_argument(
+        "--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS without events"
+    )
+    p.add_argument("--limit", type=_count, default=20, metavar="N", help="most sagas drawn")
+    p.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+
     p = sub.add_parser("trace", parents=[common], help="draw a saga's trace from Jaeger")
     p.add_argument("saga_id")
     p.add_argument("--jaeger", default=None, help="Jaeger query URL (default: $SAGA_JAEGER_URL)")
@@ -110,6 +143,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--app", required=True, help="MODULE:ATTR naming definitions")
     p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     return parser
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return int(text)
+
+
+def _iso_time(text: str) -> float:
+    from saga.views.rebuild import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ISO 8601; use e.g. 2025-01-31T12:00:00Z"
+        ) from None
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
@@ -125,6 +175,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "resolve": _resolve,
         "graph": _graph,
         "trace": _trace,
+        "rebuild": _rebuild,
+        "timeline": _timeline,
+        "watch": _watch,
     }
     try:
         return await handlers[args.command](args)
@@ -135,6 +188,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
         ) from None
     except UnknownSaga as exc:
         raise CliError(str(exc)) from None
+    except TransportError as exc:
+        raise CliError(
+            f"{exc} (Kafka at {args.bootstrap_servers}, prefix {args.prefix!r}): check that a "
+            "coordinator has created the topics and that --prefix matches"
+        ) from None
 
 
 def _transport(args: argparse.Namespace) -> Any:
@@ -305,6 +363,52 @@ async def _replay(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         events = await client.events(args.saga_id)
     _out(args, [e.model_dump(mode="json") for e in events], render.replay(events))
+    return 0
+
+
+async def _rebuild(args: argparse.Namespace) -> int:
+    from saga.runtime.ports import Topics
+    from saga.views.rebuild import rebuild
+
+    report = await rebuild(
+        _transport(args),
+        Topics(args.prefix),
+        from_offset=args.from_offset,
+        from_time=args.from_time,
+    )
+    _out(args, report.to_json(), render.rebuild(report))
+    return 0 if report.consistent else 3
+
+
+async def _timeline(args: argparse.Namespace) -> int:
+    from saga.views.timeline import write_page
+
+    async with _client(args) as client:
+        events = await client.events(args.saga_id)
+    # A saga id may hold any character; the default file name keeps only the safe ones.
+    target = args.out or f"saga-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.saga_id)}.html"
+    try:
+        path = write_page(events, target)
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
+    data = {"saga_id": args.saga_id, "path": str(path), "events": len(events)}
+    _out(args, data, f"wrote {path} ({len(events)} events)")
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from saga.runtime.ports import Topics
+    from saga.views.watch import watch
+
+    await watch(
+        _transport(args),
+        Topics(args.prefix),
+        from_start=args.from_start,
+        until_idle=args.until_idle,
+        limit=args.limit,
+        as_json=args.json,
+        interval=args.interval,
+    )
     return 0
 
 

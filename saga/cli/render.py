@@ -1,4 +1,4 @@
-"""Text views of sagas for people: status, history, and lists."""
+"""Text views of sagas for people: status, history and timeline, lists, rebuild reports."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Any
 
 from saga.core.messages import EventBase
 from saga.core.state import SagaState
+from saga.views.rebuild import BadRecord, RebuildReport
+from saga.views.spans import SagaSpans, spans
 
-__all__ = ["replay", "status", "summary_row", "table"]
+__all__ = ["rebuild", "replay", "status", "summary_row", "table", "timeline"]
 
 
 def _time(at: float | None) -> str:
@@ -44,18 +46,128 @@ def status(state: SagaState) -> str:
     return "\n".join(lines)
 
 
-def replay(events: Sequence[EventBase]) -> str:
-    """A saga's events in order, one line each, with the time since the first."""
+def replay(events: Sequence[EventBase], width: int = 60) -> str:
+    """A saga's whole history: every event in order with its wall time, then a timeline.
+
+    Args:
+        events: The saga's events, in log order.
+        width: Columns of the timeline's drawing area.
+    """
     if not events:
         return "(no events)"
-    t0 = events[0].at
-    lines = []
+    sp = spans(events)
+    multi_day = _day(sp.start) != _day(sp.end)
+    lines = [
+        f"saga      {sp.saga_id}",
+        f"name      {sp.name} v{sp.version}",
+        f"status    {sp.status}",
+        f"span      {_day(sp.start)} {_time(sp.start)} -> {_time(sp.end)} UTC "
+        f"({sp.duration:.3f}s, {len(events)} events)",
+        "",
+        f"{'seq':>4}  {'time (UTC)':<{23 if multi_day else 12}}  {'+s':>9}  {'event':<28} "
+        f"{'step':<14} {'att':>3}  detail",
+    ]
     for e in events:
-        data = e.model_dump(mode="json", exclude={"v", "saga_id", "seq", "at", "type"})
-        detail = " ".join(f"{k}={_short(v)}" for k, v in data.items() if v not in (None, [], {}))
+        wall = f"{_day(e.at)} {_time(e.at)}" if multi_day else _time(e.at)
         kind: str = getattr(e, "type", "event")
-        lines.append(f"{e.seq:>4}  +{e.at - t0:8.3f}s  {kind:<30} {detail}")
+        step = getattr(e, "step", None) or ""
+        attempt = getattr(e, "attempt", None)
+        lines.append(
+            f"{e.seq:>4}  {wall}  {e.at - sp.start:>+9.3f}  {kind:<28} {step:<14} "
+            f"{attempt if attempt is not None else '':>3}  {_detail(e)}".rstrip()
+        )
+    lines += ["", *timeline(sp, width)]
     return "\n".join(lines)
+
+
+def _day(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
+
+
+_SHOWN_ELSEWHERE = {"v", "saga_id", "seq", "at", "type", "step", "attempt", "error"}
+
+
+def _detail(e: EventBase) -> str:
+    data = e.model_dump(mode="json", exclude=_SHOWN_ELSEWHERE)
+    parts = []
+    for k, v in data.items():
+        if v in (None, [], {}):
+            continue
+        if k.endswith("_at") and isinstance(v, float):
+            # Deadlines and retry times are read against the time column, so show them alike.
+            parts.append(f"{k}={_time(v)}")
+        else:
+            parts.append(f"{k}={_short(v)}")
+    error = getattr(e, "error", None)
+    if error is not None:
+        kind = "business" if error.business else "technical"
+        parts.append(f"error=[{kind}] {error.type}: {_short(error.message)}")
+    return " ".join(parts)
+
+
+# Glyphs of the text timeline; `_LEGEND` explains them and must stay in step with them.
+_ACTION_END = {"succeeded": ">", "failed": "x", "timed_out": "?", "stuck": "!", "running": "="}
+_UNDO_END = {"succeeded": "]", "failed": "x", "timed_out": "?", "stuck": "!", "running": "<"}
+_SAGA_GLYPH = {
+    "saga_started": "*",
+    "saga_aborted": "A",
+    "saga_completed": "C",
+    "saga_compensated": "K",
+    "saga_stuck": "S",
+    "saga_resumed": "R",
+    "cancel_rejected": "c",
+}
+_LEGEND = [
+    "legend: = action attempt   . retry wait   > succeeded   x failed   ? timed out",
+    "        ! stuck   < compensating   ] compensated   o failed/resolved without an attempt",
+    "        saga: * started  A aborted  C completed  K compensated  S stuck  R resumed",
+    "              c cancel rejected",
+]
+
+
+def timeline(sp: SagaSpans, width: int = 60) -> list[str]:
+    """Gantt-like rows, one per step, across ``width`` columns from the first event to the last.
+
+    A step's action is drawn from its first attempt to its outcome, its compensation likewise;
+    the last row marks the saga's own events. Returns the lines, legend included.
+    """
+    total = sp.end - sp.start
+
+    def col(at: float) -> int:
+        if total <= 0:
+            return 0
+        return min(width - 1, max(0, int((at - sp.start) / total * width)))
+
+    label = max([4, *(len(r.name) for r in sp.rows)])
+    label = min(label, 20)
+    left, right = "+0s", f"+{total:.3f}s"
+    lines = [
+        f"timeline  (1 column = {total / width:.3f}s)",
+        f"{'':<{label}} {left}{' ' * max(1, width + 2 - len(left) - len(right))}{right}",
+    ]
+    for r in sp.rows:
+        cells = [" "] * width
+        for w in r.waits:
+            for c in range(col(w.start), col(w.end) + 1):
+                cells[c] = "."
+        for attempts, body in ((r.attempts, "="), (r.compensations, "<")):
+            for a in attempts:
+                for c in range(col(a.start), col(a.end) + 1):
+                    cells[c] = body
+        # Outcomes last, so that neither a zero-length attempt nor the compensation that
+        # starts in the same column hides how an attempt ended.
+        for attempts, ends in ((r.attempts, _ACTION_END), (r.compensations, _UNDO_END)):
+            for a in attempts:
+                cells[col(a.end)] = ends[a.outcome]
+        for m in r.markers:
+            cells[col(m.at)] = "o"
+        lines.append(f"{r.name[:label]:<{label}} |{''.join(cells)}|")
+    cells = [" "] * width
+    for m in sp.markers:
+        cells[col(m.at)] = _SAGA_GLYPH.get(m.kind, "+")
+    lines.append(f"{'saga':<{label}} |{''.join(cells)}|")
+    lines += _LEGEND
+    return lines
 
 
 def summary_row(state: SagaState) -> dict[str, Any]:
@@ -86,3 +198,42 @@ def table(states: Sequence[SagaState]) -> str:
 def _short(value: Any, limit: int = 60) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def rebuild(report: RebuildReport, limit: int = 50) -> str:
+    """`saga rebuild`'s report: counts, speed, sagas by status, then every problem found."""
+    starts = ", ".join(f"{p}:{'-' if o is None else o}" for p, o in report.start_offsets.items())
+    lines = [
+        f"log        {report.log_topic} ({report.partitions} partitions), from offsets {starts}",
+        f"read       {report.events_read} events ({report.records_read} records) in "
+        f"{report.seconds:.3f}s, {report.events_per_second:,.0f} events/s",
+        f"rebuilt    {len(report.states)} sagas ({report.from_snapshot} from a snapshot)",
+        "by status  " + ("  ".join(f"{k} {v}" for k, v in report.by_status.items()) or "-"),
+        f"verdict    {'consistent' if report.consistent else 'INCONSISTENT'}: "
+        f"{len(report.mismatches)} mismatches, {len(report.illegal)} events that do not fold",
+    ]
+    sections: list[tuple[str, list[str]]] = [
+        (
+            "mismatches (saga: differing fields)",
+            [
+                f"{m.saga_id}: {', '.join(m.fields)} "
+                f"(rebuilt seq {m.rebuilt_seq}, snapshot seq {m.snapshot_seq})"
+                for m in report.mismatches
+            ],
+        ),
+        ("undecodable records", [_bad(b) for b in report.undecodable]),
+        ("events that do not fold", [_bad(b) for b in report.illegal]),
+        ("not rebuilt", [f"{n.saga_id}: {n.reason}" for n in report.not_rebuilt]),
+        ("unverified (moved on while the log was read; run again)", report.unverified),
+    ]
+    for title, items in sections:
+        if items:
+            lines += ["", f"{title}: {len(items)}"]
+            lines += [f"  {item}" for item in items[:limit]]
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more (see --json)")
+    return "\n".join(lines)
+
+
+def _bad(b: BadRecord) -> str:
+    return f"{b.topic}/{b.partition}@{b.offset} key={b.key}: {b.reason}"

@@ -60,6 +60,8 @@ def decode(adapter: TypeAdapter[T], data: bytes | None, limits: Limits = DEFAULT
             data.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise DecodeError("invalid_utf8", str(uexc)) from None
+        if "depth limit" in str(exc):  # orjson stops at 1024 levels, far past ours
+            raise DecodeError("too_deep", f"nesting deeper than {limits.max_depth}") from None
         raise DecodeError("invalid_json", str(exc)) from None
     if not isinstance(obj, dict):
         raise DecodeError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
@@ -67,7 +69,7 @@ def decode(adapter: TypeAdapter[T], data: bytes | None, limits: Limits = DEFAULT
     if depth > limits.max_depth:
         raise DecodeError("too_deep", f"nesting deeper than {limits.max_depth}")
     version = obj.get("v")
-    if version not in _KNOWN_VERSIONS:
+    if not isinstance(version, int) or version not in _KNOWN_VERSIONS:
         raise DecodeError(
             "unknown_schema_version",
             f"schema version {version!r}; this release reads {sorted(_KNOWN_VERSIONS)}",

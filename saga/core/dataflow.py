@@ -63,17 +63,19 @@ def render(
     """
     if template is None:
         return dict(saga_input)
+    return _render(template, saga_id, saga_input, outputs)
+
+
+def _render(
+    template: Any, saga_id: str, saga_input: Mapping[str, Any], outputs: Mapping[str, Any]
+) -> Any:
+    # Inside a template, None is a literal null (only a missing template means "the input").
     if isinstance(template, str) and template.startswith(_PREFIX):
         return _lookup(template, saga_id, saga_input, outputs)
     if isinstance(template, Mapping):
-        return {
-            k: render(v, saga_id=saga_id, saga_input=saga_input, outputs=outputs)
-            for k, v in template.items()
-        }
+        return {k: _render(v, saga_id, saga_input, outputs) for k, v in template.items()}
     if isinstance(template, list | tuple):
-        return [
-            render(v, saga_id=saga_id, saga_input=saga_input, outputs=outputs) for v in template
-        ]
+        return [_render(v, saga_id, saga_input, outputs) for v in template]
     return template
 
 

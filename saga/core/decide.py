@@ -266,7 +266,9 @@ class _Plan:
                     self.action_failed(sd, ErrorInfo(type="OutputInvalid", message=problem))
             else:
                 assert r.error is not None
-                self.action_failed(sd, r.error)
+                # A handler cut off at its deadline may have done part of its work: the
+                # outcome is as unknown as when no reply comes at all.
+                self.action_failed(sd, r.error, timed_out=r.error.type == "Timeout")
             return None
         if ss.status is not StepStatus.COMPENSATING or ss.compensation_attempt != r.attempt:
             return "ignored", f"{where}: stale compensation reply for attempt {r.attempt}"
@@ -385,7 +387,11 @@ class _Plan:
             payload = self.render_input(sd)
         except (dataflow.ResolveError, ValidationError) as exc:
             error = ErrorInfo(type="InputInvalid", message=_brief(exc), business=True)
-            self.emit(StepFailedEvent, step=sd.name, attempt=attempt - 1, error=error)
+            if sd.kind is StepKind.RETRIABLE:
+                # Past the pivot there is no going back: an operator must fix the data.
+                self.emit(StepStuck, step=sd.name, phase="action", attempt=attempt - 1, error=error)
+            else:
+                self.emit(StepFailedEvent, step=sd.name, attempt=attempt - 1, error=error)
             return
         deadline = self.now + sd.timeout
         self.emit(StepStarted, step=sd.name, attempt=attempt, deadline_at=deadline)

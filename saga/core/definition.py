@@ -226,7 +226,11 @@ class SagaDefinition(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise DefinitionError(name, [_describe(name, data, e) for e in exc.errors()]) from None
+            errors = exc.errors()
+            if any(len(e["loc"]) > 1 and e["loc"][0] == "steps" for e in errors):
+                # Invalid steps leave the tuple short; that is not a problem of its own.
+                errors = [e for e in errors if tuple(e["loc"]) != ("steps",)]
+            raise DefinitionError(name, [_describe(name, data, e) for e in errors]) from None
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> SagaDefinition:

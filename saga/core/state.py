@@ -119,6 +119,9 @@ STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
     (StepFailedEvent, S.RETRYING): S.FAILED,  # retries abandoned: the saga is compensating
     (StepTimedOut, S.RUNNING): S.UNKNOWN,
     (StepTimedOut, S.RETRYING): S.UNKNOWN,  # abandoned after an attempt that timed out
+    (StepStuck, S.PENDING): S.STUCK,  # a step past the pivot whose input cannot be built
+    (StepStuck, S.STUCK): S.STUCK,  # an operator's retry that could not start either
+    (StepFailedEvent, S.STUCK): S.FAILED,  # likewise, for a pivot: it did not take effect
     (StepStuck, S.RUNNING): S.STUCK,
     (StepStuck, S.COMPENSATING): S.STUCK,
     (CompensationStarted, S.SUCCEEDED): S.COMPENSATING,
@@ -235,6 +238,10 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
     if isinstance(event, SagaStarted):
         if state is not None:
             raise IllegalTransition(f"saga {event.saga_id!r} has already started")
+        if event.seq != 1:
+            raise IllegalTransition(
+                f"saga {event.saga_id!r}: SagaStarted must be event 1, not {event.seq}"
+            )
         return SagaState(
             saga_id=event.saga_id,
             name=event.name,
@@ -276,7 +283,9 @@ def _evolve_step(state: SagaState, name: str, event: EventBase) -> StepState:
         )
     if state.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
         raise IllegalTransition(f"saga {state.saga_id!r} has ended; {kind.__name__} is not legal")
-    step = state.steps.get(name, StepState())
+    step = state.steps.get(name)
+    if step is None:
+        raise IllegalTransition(f"saga {state.saga_id!r} has no step {name!r}")
     target = STEP_TRANSITIONS.get((kind, step.status))
     if target is None:
         raise IllegalTransition(

@@ -48,16 +48,34 @@ class SagaClient:
         transport: The broker.
         prefix: Topic name prefix.
         clock: Time source for request timestamps.
+        partitions: Partition count if the client has to create the engine's topics (it must
+            match the coordinators' ``partitions``).
     """
 
     def __init__(
-        self, transport: Transport, *, prefix: str = "saga", clock: Clock | None = None
+        self,
+        transport: Transport,
+        *,
+        prefix: str = "saga",
+        clock: Clock | None = None,
+        partitions: int = 6,
     ) -> None:
         self.transport = transport
         self.topics = Topics(prefix)
         self.clock = clock or SystemClock()
+        self.partitions = partitions
         self._stack = AsyncExitStack()
         self._producer: Producer | None = None
+        self._topics_ready = False
+
+    async def _ensure_topics(self) -> None:
+        # A broker that auto-creates topics would give a client's first write or read a
+        # one-partition topic, which the coordinator cannot co-partition; create them right.
+        if not self._topics_ready:
+            t = self.topics
+            names = [t.requests, t.replies, t.log, t.snapshots, t.dlq, t.alerts]
+            await self.transport.ensure_topics(names, self.partitions, compacted=[t.snapshots])
+            self._topics_ready = True
 
     async def __aenter__(self) -> SagaClient:
         return self
@@ -76,6 +94,7 @@ class SagaClient:
         message: StartSaga | CancelSaga | RetrySaga | ResolveSaga,
         headers: tuple[tuple[str, bytes], ...] = (),
     ) -> None:
+        await self._ensure_topics()
         if self._producer is None:
             self._producer = await self._stack.enter_async_context(self.transport.producer())
         record = Outgoing(self.topics.requests, saga_id.encode(), encode(message), headers)
@@ -122,6 +141,7 @@ class SagaClient:
         await self._send(saga_id, message)
 
     async def _partition(self, topic: str, saga_id: str) -> int:
+        await self._ensure_topics()
         count = await self.transport.partitions(topic)
         return self.transport.partition_for(saga_id.encode(), count)
 
@@ -137,6 +157,7 @@ class SagaClient:
 
     async def states(self) -> AsyncIterator[SagaState]:
         """Every saga's latest state (reads the whole snapshots topic)."""
+        await self._ensure_topics()
         count = await self.transport.partitions(self.topics.snapshots)
         for partition in range(count):
             latest: dict[bytes, bytes | None] = {}

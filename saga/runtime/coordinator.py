@@ -186,7 +186,7 @@ class Coordinator:
         self._lost: set[int] = set()
         self._lock = anyio.Lock()
         self._waiters: dict[str, anyio.Event] = {}
-        self._client = SagaClient(transport, prefix=prefix, clock=self.clock)
+        self._client = SagaClient(transport, prefix=prefix, clock=self.clock, partitions=partitions)
         self._stack = AsyncExitStack()
         self._assigned = anyio.Event()
         self._owned_inputs: frozenset[TopicPartition] = frozenset()
@@ -207,7 +207,11 @@ class Coordinator:
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._stack.push_async_callback(self._client.aclose)
         self._stack.callback(tg.cancel_scope.cancel)
-        await tg.start(self.run)
+        try:
+            await tg.start(self.run)
+        except BaseException:
+            await self._stack.aclose()  # the task group too, or it masks the real error
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

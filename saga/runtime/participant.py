@@ -181,7 +181,11 @@ class Participant:
     async def __aenter__(self) -> Participant:
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._stack.callback(tg.cancel_scope.cancel)
-        await tg.start(self.run)
+        try:
+            await tg.start(self.run)
+        except BaseException:
+            await self._stack.aclose()  # the task group too, or it masks the real error
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
