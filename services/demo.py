@@ -1,0 +1,519 @@
+"""The pasta order demo: the coordinator and five services as processes, a batch of orders.
+
+Run ``python -m services.demo`` (``make demo`` starts Kafka and Jaeger first). It:
+
+1. starts the coordinator and the location, payment, restaurant, rider and notification
+   services as separate processes under a fresh topic prefix and data directory, and waits
+   until a canary order goes through all of them;
+2. submits a batch of orders (``--count``, default 40), about a quarter of them failing on
+   purpose: a declined card, a refusing restaurant, a flaky rider app and SMS gateway (errors
+   that retries absorb), a kitchen that breaks down at the pivot, one slow restaurant whose
+   every attempt times out, and one order whose refund keeps failing, which ends ``stuck``;
+3. prints a progress line per second, then a summary: outcomes against expectations,
+   throughput, saga and per-step latencies measured from the event log, and where to look
+   next (Jaeger, ``saga replay``);
+4. stops every process it started (SIGTERM, then SIGKILL after a grace period), also on
+   Ctrl-C or an error.
+
+It exits with status 0 when every saga reached a final state (completed, compensated or
+stuck), 1 otherwise, 130 when interrupted.
+
+The slow-restaurant order is sent once the rest of the batch is past the kitchen. A
+participant handles one polled batch of commands at a time, so a handler that stalls until its
+deadline holds up every restaurant command that arrives meanwhile; sent with the others, it
+would time out innocent orders along with itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from saga import SagaClient, SagaState, SagaStatus, StepStatus, TransportError
+from saga.core.codec import decode
+from saga.core.ids import trace_id_for
+from saga.core.messages import (
+    CompensationStarted,
+    CompensationSucceeded,
+    EventBase,
+    StepRetryScheduled,
+    StepStarted,
+    StepSucceeded,
+    StepTimedOut,
+    event_adapter,
+)
+from saga.core.state import evolve
+from saga.errors import DecodeError, IllegalTransition
+from saga.runtime.ports import Transport
+from services.fleet import Fleet
+from services.orders import make_order, submit
+
+__all__ = ["LogTail", "Scenario", "main", "plan_orders", "scenarios"]
+
+JAEGER_UI = os.environ.get("JAEGER_UI", "http://127.0.0.1:16686")
+"""Where `make jaeger-up` serves the Jaeger UI (``$JAEGER_UI`` overrides it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A kind of order in the batch and the outcome it should have."""
+
+    name: str
+    faults: dict[str, str]
+    expect: SagaStatus
+
+
+HAPPY = Scenario("happy", {}, SagaStatus.COMPLETED)
+SLOW = "slow restaurant (every attempt times out)"
+
+
+def scenarios(step_timeout: float) -> list[Scenario]:
+    """The failing scenarios, the ones that appear once first, then those that repeat."""
+    slow = f"delay:{step_timeout + 2:g}"
+    return [
+        Scenario("card declined", {"payment.charge": "fail"}, SagaStatus.COMPENSATED),
+        Scenario("restaurant refuses", {"restaurant.accept": "fail"}, SagaStatus.COMPENSATED),
+        Scenario("rider app error, then ok", {"rider.assign": "error:1"}, SagaStatus.COMPLETED),
+        Scenario(
+            "SMS gateway errors, then ok",
+            {"notify.notify_customer": "error:2"},
+            SagaStatus.COMPLETED,
+        ),
+        Scenario(SLOW, {"restaurant.accept": slow}, SagaStatus.COMPENSATED),
+        Scenario(
+            "refund keeps failing",
+            {"restaurant.accept": "fail", "payment.refund": "always_error"},
+            SagaStatus.STUCK,
+        ),
+        Scenario(
+            "kitchen breaks down (pivot)", {"cook.start_cooking": "fail"}, SagaStatus.COMPENSATED
+        ),
+    ]
+
+
+_REPEATING = (0, 1, 2, 3, 6)  # indexes of the scenarios that may appear more than once
+
+
+def plan_orders(count: int, step_timeout: float) -> list[tuple[Scenario, dict[str, Any]]]:
+    """The batch: ``count`` orders, one in four failing on purpose (at least one of each
+    failing scenario when the batch is big enough), spread evenly through it."""
+    failing = scenarios(step_timeout)
+    wanted = max(1, round(count / 4)) if count >= 2 else 0
+    chosen = failing[:wanted]
+    i = 0
+    while len(chosen) < wanted:
+        chosen.append(failing[_REPEATING[i % len(_REPEATING)]])
+        i += 1
+    every = count / wanted if wanted else math.inf
+    slots = {min(count - 1, int(k * every + every / 2)): s for k, s in enumerate(chosen)}
+    plan: list[tuple[Scenario, dict[str, Any]]] = []
+    for n in range(count):
+        scenario = slots.get(n, HAPPY)
+        plan.append((scenario, make_order(n + 1, scenario.faults or None)))
+    return plan
+
+
+# -- watching the log --------------------------------------------------------------------------
+
+
+@dataclass
+class LogTail:
+    """Folds the saga log into states as the coordinator writes it (a read model)."""
+
+    transport: Transport
+    prefix: str
+    states: dict[str, SagaState] = field(default_factory=dict)
+    events: dict[str, list[EventBase]] = field(default_factory=lambda: defaultdict(list))
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Reads the log from the start until cancelled."""
+        group = f"{self.prefix}.demo-watch-{uuid.uuid4().hex[:8]}"
+        async with self.transport.consumer(group, [f"{self.prefix}.log"]) as consumer:
+            task_status.started()
+            while True:
+                for record in await consumer.poll(0.2, 1000):
+                    if record.value is None:
+                        continue
+                    try:
+                        event = decode(event_adapter, record.value)
+                        self.states[event.saga_id] = evolve(self.states.get(event.saga_id), event)
+                    except (DecodeError, IllegalTransition):
+                        continue  # only the coordinator writes the log; nothing to show
+                    self.events[event.saga_id].append(event)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One demo run's inputs and what it observed."""
+
+    args: argparse.Namespace
+    fleet: Fleet
+    step_timeout: float
+    plan: list[tuple[Scenario, dict[str, Any]]]
+    tail: LogTail | None = None
+    submitted_at: float = 0.0
+    slow_sent_at: float | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(order["order_id"]) for _, order in self.plan]
+
+    def states(self) -> list[SagaState]:
+        assert self.tail is not None
+        return [s for i in self.ids if (s := self.tail.states.get(i)) is not None]
+
+
+async def _drive(run: Run) -> bool:
+    fleet = run.fleet
+    async with SagaClient(_transport(run.args.bootstrap_servers), prefix=fleet.prefix) as client:
+        print("waiting for the coordinator and the services (a canary order goes through) ...")
+        ready = await fleet.wait_ready(client, timeout=run.args.ready_timeout)
+        print(f"all six processes serving; the canary order took {ready:.1f}s end to end\n")
+        run.tail = LogTail(client.transport, fleet.prefix)
+        async with anyio.create_task_group() as tg:
+            await tg.start(run.tail.run)
+            held = [(s, o) for s, o in run.plan if s.name == SLOW]
+            first = [o for s, o in run.plan if s.name != SLOW]
+            run.submitted_at = time.time()
+            await submit(client, first)
+            print(f"submitted {len(first)} orders at once" + (", holding one back" if held else ""))
+            ended = await _watch(run, client, held)
+            tg.cancel_scope.cancel()
+    return ended
+
+
+async def _watch(run: Run, client: SagaClient, held: list[tuple[Scenario, dict[str, Any]]]) -> bool:
+    total = len(run.plan)
+    deadline = time.monotonic() + run.args.timeout
+    while True:
+        await anyio.sleep(1.0)
+        states = run.states()
+        if held and run.slow_sent_at is None and _past_the_kitchen(run):
+            await submit(client, [o for _, o in held])
+            run.slow_sent_at = time.time()
+            print("  -> the rest is past the kitchen: sending the slow-restaurant order now")
+        counts = Counter(s.status for s in states)
+        ended = sum(
+            counts[s] for s in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK)
+        )
+        print(_progress_line(time.time() - run.submitted_at, ended, total, counts), flush=True)
+        if ended == total:
+            return True
+        if time.monotonic() > deadline:
+            print(f"giving up after {run.args.timeout:.0f}s: {total - ended} sagas have not ended")
+            return False
+
+
+def _past_the_kitchen(run: Run) -> bool:
+    assert run.tail is not None
+    for scenario, order in run.plan:
+        if scenario.name == SLOW:
+            continue
+        state = run.tail.states.get(str(order["order_id"]))
+        if state is None:
+            return False
+        if not state.is_final and state.steps["cook"].status is not StepStatus.SUCCEEDED:
+            return False
+    return True
+
+
+def _progress_line(elapsed: float, ended: int, total: int, counts: Counter[SagaStatus]) -> str:
+    width = 30
+    filled = width * ended // total if total else width
+    bar = "#" * filled + "." * (width - filled)
+    parts = " ".join(f"{status.value} {counts[status]:>3}" for status in SagaStatus)
+    return f"[{elapsed:6.1f}s] [{bar}] {ended:>3}/{total} ended | {parts}"
+
+
+# -- the summary ------------------------------------------------------------------------------
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _stats(values: Sequence[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    return (
+        f"mean {mean * 1000:7.0f} ms   p50 {_percentile(values, 50) * 1000:7.0f} ms   "
+        f"p95 {_percentile(values, 95) * 1000:7.0f} ms   max {max(values) * 1000:7.0f} ms"
+        f"   (n={len(values)})"
+    )
+
+
+def _saga_seconds(events: Sequence[EventBase]) -> float | None:
+    if len(events) < 2:
+        return None
+    return events[-1].at - events[0].at
+
+
+def _step_seconds(events: Iterable[EventBase]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per step: first StepStarted -> StepSucceeded, and first CompensationStarted ->
+    CompensationSucceeded (retries included: that is what the saga waited)."""
+    started: dict[str, float] = {}
+    undo_started: dict[str, float] = {}
+    done: dict[str, float] = {}
+    undone: dict[str, float] = {}
+    for e in events:
+        if isinstance(e, StepStarted):
+            started.setdefault(e.step, e.at)
+        elif isinstance(e, StepSucceeded) and e.step in started:
+            done[e.step] = e.at - started[e.step]
+        elif isinstance(e, CompensationStarted):
+            undo_started.setdefault(e.step, e.at)
+        elif isinstance(e, CompensationSucceeded) and e.step in undo_started:
+            undone[e.step] = e.at - undo_started[e.step]
+    return done, undone
+
+
+def _summary(run: Run) -> None:
+    assert run.tail is not None
+    tail = run.tail
+    states = {s.saga_id: s for s in run.states()}
+    counts = Counter(s.status for s in states.values())
+    total = len(run.plan)
+    print("\n" + "=" * 78)
+    print(f"SUMMARY  prefix {run.fleet.prefix}   {total} orders")
+    print("=" * 78)
+    final = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK)
+    not_ended = total - sum(counts[status] for status in final)
+    print(
+        "outcomes:  "
+        + "   ".join(f"{status.value} {counts[status]}" for status in final)
+        + (f"   NOT ENDED {not_ended}" if not_ended else "")
+    )
+
+    print(f"\n  {'scenario':<42} orders  {'expected':<13} got")
+    by_scenario: dict[str, list[tuple[Scenario, str]]] = defaultdict(list)
+    for scenario, order in run.plan:
+        by_scenario[scenario.name].append((scenario, str(order["order_id"])))
+    mismatches = 0
+    for name, items in by_scenario.items():
+        got = Counter(states[i].status.value if i in states else "not started" for _, i in items)
+        expect = items[0][0].expect.value
+        ok = set(got) == {expect}
+        mismatches += not ok
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(got.items()))
+        print(
+            f"  {name:<42} {len(items):>5}  {expect:<13} {shown}"
+            + ("  ok" if ok else "  <-- unexpected")
+        )
+
+    # Throughput over the batch sent at once (the held-back slow order runs on its own).
+    main_ids = [str(o["order_id"]) for s, o in run.plan if s.name != SLOW]
+    main_events = [tail.events[i] for i in main_ids if tail.events.get(i)]
+    if main_events:
+        first = min(ev[0].at for ev in main_events)
+        last = max(ev[-1].at for ev in main_events)
+        span = max(last - first, 1e-9)
+        print(
+            f"\nthroughput: {len(main_events)} sagas of the batch ended in {span:.2f}s"
+            f" = {len(main_events) / span:.1f} sagas/s"
+            f"  (first start to last end, from the log's timestamps)"
+        )
+    all_events = [tail.events[i] for i in run.ids if tail.events.get(i)]
+    if all_events:
+        first = min(ev[0].at for ev in all_events)
+        last = max(ev[-1].at for ev in all_events)
+        print(f"whole run including the slow order: {last - first:.2f}s")
+
+    print("\nsaga latency (SagaStarted -> final event):")
+    by_outcome: dict[str, list[float]] = defaultdict(list)
+    for saga_id in main_ids:
+        seconds = _saga_seconds(tail.events.get(saga_id, []))
+        if seconds is not None and saga_id in states:
+            by_outcome["all of the batch"].append(seconds)
+            by_outcome[states[saga_id].status.value].append(seconds)
+    for outcome, values in by_outcome.items():
+        print(f"  {outcome:<17} {_stats(values)}")
+
+    print("\nstep latency (first StepStarted -> StepSucceeded, retries included):")
+    step_times: dict[str, list[float]] = defaultdict(list)
+    undo_times: dict[str, list[float]] = defaultdict(list)
+    retries: Counter[str] = Counter()
+    for saga_id in main_ids:
+        events = tail.events.get(saga_id, [])
+        done, undone = _step_seconds(events)
+        for step, seconds in done.items():
+            step_times[step].append(seconds)
+        for step, seconds in undone.items():
+            undo_times[step].append(seconds)
+        for e in events:
+            if isinstance(e, StepStarted) and e.attempt > 1:
+                retries[e.step] += 1
+    for step in ("location", "payment", "restaurant", "rider", "cook", "notify"):
+        extra = f"   retries {retries[step]}" if retries[step] else ""
+        print(f"  {step:<11} {_stats(step_times.get(step, []))}{extra}")
+    if undo_times:
+        print("compensation latency (first CompensationStarted -> CompensationSucceeded):")
+        for step in ("rider", "restaurant", "payment", "location"):
+            if undo_times.get(step):
+                print(f"  {step:<11} {_stats(undo_times[step])}")
+
+    slow = [str(o["order_id"]) for s, o in run.plan if s.name == SLOW]
+    for saga_id in slow:
+        events = tail.events.get(saga_id, [])
+        timeouts = sum(isinstance(e, StepRetryScheduled | StepTimedOut) for e in events)
+        seconds = _saga_seconds(events)
+        if seconds is not None:
+            state = states.get(saga_id)
+            print(
+                f"\nslow restaurant {saga_id}: {timeouts} attempts of {run.step_timeout:g}s timed"
+                f" out, then {state.status.value if state else '?'} after {seconds:.1f}s"
+            )
+    if mismatches:
+        print(f"\nWARNING: {mismatches} scenario(s) did not end as expected (see above)")
+    _next_steps(run, states)
+
+
+def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
+    prefix, bootstrap = run.fleet.prefix, run.args.bootstrap_servers
+    common = f"--prefix {prefix} --bootstrap-servers {bootstrap}"
+    stuck = [i for i, s in states.items() if s.status is SagaStatus.STUCK]
+    compensated = [i for i, s in states.items() if s.status is SagaStatus.COMPENSATED]
+    example = (stuck or compensated or list(states) or ["<saga id>"])[0]
+    print("\nwhere to look next:")
+    ui = run.args.jaeger_ui
+    print(f"  traces:  {ui}  (service 'saga-coordinator'; one trace per saga)")
+    if example != "<saga id>":
+        print(f"           {ui}/trace/{trace_id_for(example):032x}  ({example})")
+    print(f"  replay:  python -m saga replay {example} {common}")
+    print(f"  list:    python -m saga list {common}")
+    for saga_id in stuck:
+        print(f"  stuck:   python -m saga retry {saga_id} {common}   (or: saga resolve)")
+    print(f"  data:    {run.fleet.data_dir}   logs: {run.fleet.log_dir}")
+
+
+# -- plumbing ---------------------------------------------------------------------------------
+
+
+def _transport(bootstrap: str) -> Transport:
+    from saga.adapters.kafka import KafkaTransport
+
+    return KafkaTransport(bootstrap)
+
+
+def _otlp_reachable() -> bool:
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
+    url = urllib.parse.urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "localhost", url.port or 4318), 0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--count", type=int, default=40, help="orders in the batch (default 40)")
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("SAGA_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        help="Kafka address (default: $SAGA_KAFKA_BOOTSTRAP or %(default)s)",
+    )
+    parser.add_argument("--prefix", help="topic prefix (default: demo-<timestamp>)")
+    parser.add_argument("--data-dir", type=Path, help="services' data (default: var/<prefix>)")
+    parser.add_argument(
+        "--step-timeout", type=float, help="seconds per step attempt (default: services.app's)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for the batch to end"
+    )
+    parser.add_argument("--jaeger-ui", default=JAEGER_UI, help="Jaeger UI (default: %(default)s)")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=90.0, help="seconds to wait for the processes"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m services.demo``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # aiokafka warns about every produce retry while new topics elect their leaders: noise
+    # here, since the sends succeed a moment later.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    if args.count < 1:
+        _parser().error("--count must be at least 1")
+    prefix = args.prefix or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    data_dir: Path = args.data_dir or Path("var") / prefix
+    env: dict[str, str] = {}
+    if args.step_timeout:
+        env["SAGA_STEP_TIMEOUT"] = str(args.step_timeout)
+        step_timeout = float(args.step_timeout)
+    else:
+        from services.app import STEP_TIMEOUT
+
+        step_timeout = STEP_TIMEOUT
+    traced = _otlp_reachable()
+    if not traced:
+        env["OTEL_TRACES_EXPORTER"] = "none"
+    plan = plan_orders(args.count, step_timeout)
+    print(f"pasta order demo: {args.count} orders, prefix {prefix}, Kafka {args.bootstrap_servers}")
+    print(f"  data and logs in {data_dir}; step timeout {step_timeout:g}s")
+    if not traced:
+        print("  (no OTLP collector answers: traces are off; `make jaeger-up` to see them)")
+    fleet = Fleet(bootstrap=args.bootstrap_servers, prefix=prefix, data_dir=data_dir, env=env)
+    run = Run(args, fleet, step_timeout, plan)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    ended = False
+    try:
+        fleet.start()
+        ended = anyio.run(_drive, run)
+        _summary(run)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (TimeoutError, TransportError, OSError) as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the shutdown short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping the coordinator and the services ...", flush=True)
+        fleet.stop()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        exits = {p.name: p.exit_codes for p in fleet.processes.values() if p.exit_codes}
+        if exits:
+            print(f"processes restarted during the run: {exits}")
+        print("all processes stopped")
+    return 0 if ended else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Runs the coordinator and the five services as separate processes, and keeps them running.
+
+A `Fleet` starts ``python -m saga coordinator --app services.app:sagas`` and one
+``python -m saga participant --app services.<service>:participant`` per service, all under one
+topic prefix and one data directory, each with its own log file and ``OTEL_SERVICE_NAME``. A
+supervisor thread restarts any process that exits while the fleet is up, as an orchestrator
+would: a participant that crashed after a side effect comes back, gets the command redelivered,
+and must not apply it twice. `Fleet.stop` asks every process to stop (SIGTERM, which the
+``saga`` command answers by finishing its batch in hand) and kills what is left after a grace
+period; it runs on exit from the ``with`` block whatever the reason.
+
+`wait_ready` sends a canary order through the whole saga: when it completes, the coordinator and
+every service on the happy path are members of their consumer groups and serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import anyio
+
+from saga import Coordinator, SagaClient, SagaStatus, SagaTimeout, TransportError
+from services.app import sagas
+from services.orders import make_order, submit
+
+__all__ = ["COORDINATOR", "PARTICIPANTS", "Fleet", "ManagedProcess", "ProcessExited"]
+
+COORDINATOR = "saga-coordinator"
+"""The coordinator's process name (and its ``OTEL_SERVICE_NAME``)."""
+
+PARTICIPANTS = ("location", "payment", "restaurant", "rider", "notification")
+"""The services, each served by ``services.<name>:participant``."""
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProcessExited(RuntimeError):
+    """A process of the fleet exited while it was expected to come up."""
+
+
+@dataclass
+class ManagedProcess:
+    """One process of the fleet and its history.
+
+    Attributes:
+        name: ``saga-coordinator`` or the service name.
+        argv: The command line.
+        log_path: Where its stdout and stderr go (appended across restarts).
+        exit_codes: The status of every exit the supervisor saw, oldest first.
+    """
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    exit_codes: list[int] = field(default_factory=list)
+    _log: IO[bytes] | None = None
+
+    @property
+    def restarts(self) -> int:
+        """How often the supervisor brought it back."""
+        return len(self.exit_codes)
+
+    def tail(self, lines: int = 30) -> str:
+        """The end of its log, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Fleet:
+    """The coordinator and the services, as processes, under one prefix and data directory.
+
+    Args:
+        bootstrap: Kafka address.
+        prefix: Topic prefix shared by every process.
+        data_dir: ``SAGA_SERVICES_DATA`` of the services (their SQLite files).
+        log_dir: Where the processes' logs go (default: ``<data_dir>/logs``).
+        env: Extra environment for every process (``SAGA_STEP_TIMEOUT``, ``SAGA_FAULTS``,
+            ``OTEL_*``...).
+        supervise: Restart processes that exit while the fleet is up.
+        grace: Seconds `stop` waits after SIGTERM before it kills.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        prefix: str,
+        data_dir: Path,
+        log_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        supervise: bool = True,
+        grace: float = 10.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.data_dir = data_dir
+        self.log_dir = log_dir or data_dir / "logs"
+        self.extra_env = dict(env or {})
+        self.supervise = supervise
+        self.grace = grace
+        self.processes: dict[str, ManagedProcess] = {}
+        self.ready_after: float | None = None
+        """Seconds the canary order took, once `wait_ready` succeeded."""
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Fleet:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Starts the coordinator and every participant (they come up in the background)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spawn(COORDINATOR, ["coordinator", "--app", "services.app:sagas"])
+            for service in PARTICIPANTS:
+                self._spawn(service, ["participant", "--app", f"services.{service}:participant"])
+        except BaseException:
+            self.stop()
+            raise
+        if self.supervise:
+            self._supervisor = threading.Thread(
+                target=self._watch, name=f"fleet-{self.prefix}", daemon=True
+            )
+            self._supervisor.start()
+
+    def stop(self) -> None:
+        """Stops every process: SIGTERM, then SIGKILL after the grace period. Idempotent."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            running = [p for p in self.processes.values() if p.popen and p.popen.poll() is None]
+            for proc in running:
+                assert proc.popen is not None
+                proc.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
+            for proc in running:
+                assert proc.popen is not None
+                try:
+                    proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.popen.kill()
+                    proc.popen.wait()
+            for proc in self.processes.values():
+                if proc._log is not None:
+                    proc._log.close()
+                    proc._log = None
+
+    def kill(self, name: str) -> None:
+        """Kills one process at once (SIGKILL); the supervisor restarts it."""
+        with self._lock:
+            popen = self.processes[name].popen
+            if popen is not None and popen.poll() is None:
+                popen.kill()
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "SAGA_KAFKA_BOOTSTRAP": self.bootstrap,
+                "SAGA_PREFIX": self.prefix,
+                "SAGA_SERVICES_DATA": str(self.data_dir),
+                "SAGA_LOG_LEVEL": env.get("SAGA_LOG_LEVEL", "info"),
+                "OTEL_SERVICE_NAME": name,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        # The services must import from this checkout, wherever the caller runs from.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        argv = [sys.executable, "-m", "saga", *args, "--prefix", self.prefix]
+        argv += ["--bootstrap-servers", self.bootstrap]
+        proc = self.processes.get(name) or ManagedProcess(name, argv, self.log_dir / f"{name}.log")
+        self.processes[name] = proc
+        self._launch(proc)
+
+    def _launch(self, proc: ManagedProcess) -> None:
+        if proc._log is None:
+            proc._log = proc.log_path.open("ab")
+        proc._log.write(f"--- {time.strftime('%H:%M:%S')} starting {proc.name}\n".encode())
+        proc._log.flush()
+        # A session of its own: Ctrl-C in the terminal reaches only the parent, which then
+        # stops the fleet in order instead of every process dying at once.
+        proc.popen = subprocess.Popen(
+            proc.argv,
+            cwd=_ROOT,
+            env=self._env(proc.name),
+            stdin=subprocess.DEVNULL,
+            stdout=proc._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for proc in self.processes.values():
+                    code = proc.popen.poll() if proc.popen is not None else None
+                    if code is not None:
+                        proc.exit_codes.append(code)
+                        self._launch(proc)
+
+    def check_alive(self) -> None:
+        """Raises if a process exited and is not being restarted.
+
+        Raises:
+            ProcessExited: With the end of its log.
+        """
+        for proc in self.processes.values():
+            code = proc.popen.poll() if proc.popen is not None else None
+            if code is not None and not self.supervise:
+                raise ProcessExited(
+                    f"{proc.name} exited with status {code}; its log ({proc.log_path}) ends:\n"
+                    f"{proc.tail()}"
+                )
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    async def ensure_topics(self, client: SagaClient) -> None:
+        """Creates the saga topics as the coordinator does, if they are missing.
+
+        Called before anything is sent or read: on a broker that auto-creates topics, a
+        client's first request (or a status read) would otherwise create the requests or
+        snapshots topic with the broker's default of one partition, and the coordinator would
+        then refuse to run (its inputs and log must have equal partition counts).
+        """
+        await Coordinator(sagas, transport=client.transport, prefix=self.prefix).ensure_topics()
+
+    async def wait_ready(self, client: SagaClient, timeout: float = 90.0) -> float:
+        """Sends canary orders until one completes; returns the seconds it took.
+
+        A canary that does not complete (a service joined its group after the step's retries
+        ran out) is followed by another, until ``timeout``.
+
+        Raises:
+            TimeoutError: Nothing completed in time; the message quotes the coordinator's log.
+        """
+        started = time.monotonic()
+        await self.ensure_topics(client)
+        with anyio.move_on_after(timeout):
+            while True:
+                self.check_alive()
+                order = make_order(0)
+                order["order_id"] = f"canary-{uuid.uuid4().hex[:12]}"
+                (saga_id,) = await submit(client, [order])
+                try:
+                    state = await client.wait(saga_id, timeout=60, poll=0.2)
+                except (SagaTimeout, TransportError):
+                    continue
+                if state.status is SagaStatus.COMPLETED:
+                    self.ready_after = time.monotonic() - started
+                    return self.ready_after
+        raise TimeoutError(
+            f"the fleet under prefix {self.prefix!r} did not complete a canary order within "
+            f"{timeout:.0f}s; the coordinator's log ({self.processes[COORDINATOR].log_path}) "
+            f"ends:\n{self.processes[COORDINATOR].tail()}"
+        )

@@ -1,0 +1,154 @@
+"""Order entry: makes pasta orders and starts one ``pasta_order`` saga per order.
+
+Every order is started with ``saga_id = order_id``, so starting the same order twice starts one
+saga, and every service can find an order by the saga id. Orders always carry a ``faults``
+object (empty unless a failure is asked for): the step input templates read
+``$.input.faults``, and a missing path would fail the step.
+
+Command line::
+
+    python -m services.orders --count 20 --fail-rate 0.2 [--prefix P] [--bootstrap-servers B]
+
+prints the ids of the sagas it started, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from saga import SagaClient, StepContext, TransportError
+
+__all__ = [
+    "CUSTOMERS",
+    "MENU",
+    "RECOVERABLE_FAULTS",
+    "SAGA_NAME",
+    "main",
+    "make_order",
+    "order_id_of",
+    "submit",
+]
+
+SAGA_NAME = "pasta_order"
+"""The saga every order starts (`services.app.order_saga`)."""
+
+MENU: dict[str, float] = {
+    "spaghetti alla carbonara": 13.5,
+    "cacio e pepe": 12.0,
+    "bucatini all'amatriciana": 13.0,
+    "penne all'arrabbiata": 10.5,
+    "trofie al pesto": 12.5,
+    "tagliatelle al ragù": 14.0,
+    "linguine alle vongole": 16.5,
+    "pappardelle ai funghi porcini": 15.5,
+    "risotto alla milanese": 14.5,
+    "lasagne alla bolognese": 13.5,
+}
+"""Dishes and their prices in euros."""
+
+RESTAURANTS = ("Trattoria Da Gino", "Osteria del Ponte", "La Pasta di Nonna Rosa", "Sugo")
+CUSTOMERS = ("Anna", "Bruno", "Carla", "Dario", "Emma", "Fabio", "Gaia", "Ivo", "Lia", "Nico")
+"""Customers' first names (orders also carry a customer number)."""
+_ZONES = ("navigli", "brera", "isola", "porta-romana", "citta-studi")
+_DELIVERY_FEE = 2.9
+
+RECOVERABLE_FAULTS: tuple[dict[str, str], ...] = (
+    {"payment.charge": "fail"},  # card declined: compensated
+    {"restaurant.accept": "fail"},  # the kitchen refuses: compensated
+    {"rider.assign": "error:1"},  # a flaky rider app: retried, completed
+    {"notify.notify_customer": "error:2"},  # SMS gateway hiccup after the pivot: completed
+    {"cook.start_cooking": "fail"},  # the pivot fails: compensated
+)
+"""Faults for ``--fail-rate``: each ends in ``completed`` or ``compensated``."""
+
+
+def make_order(i: int, fault: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A realistic order, the same dishes for the same ``i``, with a fresh order id.
+
+    Args:
+        i: The order's number; it picks the customer, zone, restaurant and dishes.
+        fault: Faults for `services.faults`, keyed ``"<step>.<action>"``.
+    """
+    rng = random.Random(i)
+    dishes = rng.sample(sorted(MENU), k=rng.randint(1, 3))
+    quantities = {d: rng.randint(1, 2) for d in dishes}
+    items = [{"dish": d, "quantity": q, "price": MENU[d]} for d, q in quantities.items()]
+    amount = round(sum(q * MENU[d] for d, q in quantities.items()) + _DELIVERY_FEE, 2)
+    return {
+        "order_id": f"order-{i:04d}-{uuid.uuid4().hex[:8]}",
+        "customer": f"{rng.choice(CUSTOMERS)} #{1000 + rng.randrange(9000)}",
+        "zone": rng.choice(_ZONES),
+        "restaurant": rng.choice(RESTAURANTS),
+        "items": items,
+        "amount": amount,
+        "faults": dict(fault or {}),
+    }
+
+
+async def submit(client: SagaClient, orders: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Starts one saga per order, with the order id as the saga id; returns the ids."""
+    started: list[str] = []
+    for order in orders:
+        started.append(await client.start(SAGA_NAME, order, saga_id=str(order["order_id"])))
+    return started
+
+
+def order_id_of(payload: Mapping[str, Any], ctx: StepContext) -> str:
+    """The order a command is about: from an action's input, a compensation's ``input``, or
+    else the saga id (which is the order id)."""
+    source = payload.get("input") if ctx.phase == "compensation" else payload
+    if isinstance(source, Mapping) and source.get("order_id"):
+        return str(source["order_id"])
+    return ctx.saga_id
+
+
+def _orders(count: int, fail_rate: float, seed: int | None) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        make_order(i, rng.choice(RECOVERABLE_FAULTS) if rng.random() < fail_rate else None)
+        for i in range(count)
+    ]
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from saga.adapters.kafka import KafkaTransport
+
+    orders = _orders(args.count, args.fail_rate, args.seed)
+    async with SagaClient(KafkaTransport(args.bootstrap_servers), prefix=args.prefix) as client:
+        for saga_id in await submit(client, orders):
+            print(saga_id, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m services.orders``."""
+    parser = argparse.ArgumentParser(prog="python -m services.orders", description=__doc__)
+    parser.add_argument("--count", type=int, default=10, help="orders to start")
+    parser.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of orders given a fault (0 to 1)"
+    )
+    parser.add_argument("--seed", type=int, help="seed for choosing the faulty orders")
+    parser.add_argument(
+        "--bootstrap-servers", default=os.environ.get("SAGA_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    )
+    parser.add_argument("--prefix", default=os.environ.get("SAGA_PREFIX", "saga"))
+    args = parser.parse_args(argv)
+    if not 0 <= args.fail_rate <= 1:
+        parser.error("--fail-rate must be between 0 and 1")
+    try:
+        anyio.run(_main, args)
+    except (OSError, TimeoutError, TransportError) as exc:
+        print(f"orders: cannot reach Kafka at {args.bootstrap_servers}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
