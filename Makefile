@@ -20,7 +20,7 @@ TYPED := $(wildcard saga deploy services)
 KAFKA_PORT ?= 9092
 KAFKA_CONTROLLER_PORT ?= 9093
 
-.PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo clean
+.PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench clean
 
 help:
 	@echo "make install      create .venv and install the project with its dev extras"
@@ -32,6 +32,7 @@ help:
 	@echo "make lint         ruff and mypy --strict"
 	@echo "make test         install, deps, lint, then pytest (starts its own Kafka and Jaeger)"
 	@echo "make demo         run the example services against kafka-up and jaeger-up"
+	@echo "make bench        benchmarks on a throwaway Kafka and Jaeger (report: bench/REPORT.md)"
 	@echo "make clean        remove .venv and the project's caches (not ~/.cache)"
 
 $(STAMP): pyproject.toml
@@ -76,6 +77,12 @@ demo: $(STAMP)
 	SAGA_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) \
 	OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 \
 	$(PY) -m services.demo
+
+# Benchmarks start their own throwaway broker and Jaeger; figures go to stdout as JSON lines.
+bench: $(STAMP)
+	$(MAKE) --no-print-directory deps
+	$(PY) -m bench.bench_core
+	$(PY) -m bench.bench_engine --sagas 400 --window 50
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

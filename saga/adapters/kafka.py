@@ -101,14 +101,27 @@ class KafkaTransport:
             try:
                 with anyio.fail_after(self.deadline):
                     await admin.start()
+                    # Listing all topics never creates one; describing a missing topic does on
+                    # brokers with auto.create.topics.enable, with one partition: so look first.
+                    # A topic created a moment ago may take a little while to be listed.
+                    listed = False
+                    for _ in range(30):  # polling the broker for about 3 s: no event to wait on
+                        if listed := topic in await admin.list_topics():
+                            break
+                        await anyio.sleep(0.1)
+                    if not listed:
+                        raise TransportError(
+                            f"topic {topic!r} does not exist: start a coordinator with this "
+                            "prefix first, or check the prefix"
+                        )
                     while True:
                         (described,) = await admin.describe_topics([topic])
                         found = described.get("partitions") or []
                         if described.get("error_code", 0) == 0 and found:
                             break
-                        await anyio.sleep(0.1)  # just created: metadata may lag behind
-            except TimeoutError as exc:
-                raise TransportError(f"topic {topic!r} does not exist") from exc
+                        await anyio.sleep(0.1)  # leaders are still being elected
+            except (TimeoutError, KafkaError, OSError) as exc:
+                raise TransportError(f"could not describe topic {topic!r}: {exc!r}") from exc
             finally:
                 await admin.close()
             self._partition_counts[topic] = len(found)

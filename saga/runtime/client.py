@@ -69,8 +69,9 @@ class SagaClient:
         self._topics_ready = False
 
     async def _ensure_topics(self) -> None:
-        # A broker that auto-creates topics would give a client's first write or read a
-        # one-partition topic, which the coordinator cannot co-partition; create them right.
+        # A broker that auto-creates topics would give a client's first write a one-partition
+        # topic, which the coordinator cannot co-partition; create them right. Reads create
+        # nothing: a mistyped prefix must not leave topics behind.
         if not self._topics_ready:
             t = self.topics
             names = [t.requests, t.replies, t.log, t.snapshots, t.dlq, t.alerts]
@@ -141,7 +142,6 @@ class SagaClient:
         await self._send(saga_id, message)
 
     async def _partition(self, topic: str, saga_id: str) -> int:
-        await self._ensure_topics()
         count = await self.transport.partitions(topic)
         return self.transport.partition_for(saga_id.encode(), count)
 
@@ -157,7 +157,6 @@ class SagaClient:
 
     async def states(self) -> AsyncIterator[SagaState]:
         """Every saga's latest state (reads the whole snapshots topic)."""
-        await self._ensure_topics()
         count = await self.transport.partitions(self.topics.snapshots)
         for partition in range(count):
             latest: dict[bytes, bytes | None] = {}
