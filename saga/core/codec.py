@@ -69,7 +69,7 @@ def decode(adapter: TypeAdapter[T], data: bytes | None, limits: Limits = DEFAULT
     if depth > limits.max_depth:
         raise DecodeError("too_deep", f"nesting deeper than {limits.max_depth}")
     version = obj.get("v")
-    if not isinstance(version, int) or version not in _KNOWN_VERSIONS:
+    if type(version) is not int or version not in _KNOWN_VERSIONS:  # a bool is not a version
         raise DecodeError(
             "unknown_schema_version",
             f"schema version {version!r}; this release reads {sorted(_KNOWN_VERSIONS)}",

@@ -395,7 +395,7 @@ class Checkpoint(_Message):
 
 
 class Alert(_Message):
-    """Raised when a saga gets stuck; operators act with `saga retry` or `saga cancel`."""
+    """Raised when a saga gets stuck; operators act with `saga retry` or `saga resolve`."""
 
     type: Literal["alert"] = "alert"
     saga_id: str
