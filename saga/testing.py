@@ -158,6 +158,7 @@ class SagaHarness:
             partitions=self.coordinator.partition_count,
             clock=self.clock,
             alert_hooks=[self._on_alert],
+            observer=self.coordinator.observer,
         )
         self._coordinator_scope = await self._tg.start(_host, self.coordinator.run)
 
