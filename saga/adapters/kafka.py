@@ -232,10 +232,12 @@ class KafkaTransport:
                 await producer.start()
         except ProducerFenced as exc:
             raise Fenced(str(exc)) from exc
-        except (KafkaError, TimeoutError) as exc:
+        except Exception as exc:
+            # Not only KafkaError: during a broker restart aiokafka has been seen to fail its
+            # bootstrap with an AssertionError. Whatever it is, the caller retries the take-over.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await producer.stop()
-            raise TransportError(f"could not start producer {transactional_id!r}: {exc}") from exc
+                await _stop_quietly(producer)
+            raise TransportError(f"could not start producer {transactional_id!r}: {exc!r}") from exc
         try:
             yield _KafkaTxProducer(producer, self.deadline)
         finally:
@@ -247,9 +249,9 @@ async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, deadline: float, w
     try:
         with anyio.fail_after(deadline):
             await client.start()
-    except (KafkaError, TimeoutError, OSError) as exc:
+    except Exception as exc:  # see tx_producer: aiokafka does not only raise KafkaError here
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await client.stop()
+            await _stop_quietly(client)
         raise TransportError(f"could not start the {what}: {exc!r}") from exc
 
 
@@ -379,6 +381,13 @@ class _KafkaTxProducer:
         except (KafkaError, TimeoutError) as exc:
             self._broken = repr(exc)
             raise TransportError(f"transaction aborted: {exc!r}") from exc
+
+
+async def _stop_quietly(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    try:
+        await client.stop()
+    except Exception as exc:  # it failed to start; stopping is only tidying up
+        log.debug("stopping a client that failed to start also failed: %r", exc)
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

@@ -23,6 +23,7 @@ re-acquired from the log if the group still assigns it here.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 from collections import defaultdict
@@ -123,15 +124,28 @@ class _Partition:
         return found
 
 
+DLQ_MAX_VALUE = 512 * 1024
+"""Largest value copied whole into a dead letter; larger ones keep their head and a digest."""
+
+
 def dead_letter(record: Record, dlq_topic: str, reason: str, detail: str) -> Outgoing:
-    """The dead-letter record for ``record``: its raw bytes, with the reason in headers."""
-    headers = (
+    """The dead-letter record for ``record``: its raw bytes, with the reason in headers.
+
+    A value too large for the producer (a ``too_large`` poison message is larger than a request
+    may be) is cut to its first `DLQ_MAX_VALUE` bytes, with its full size and SHA-256 in the
+    headers; the original stays readable at its source offset for the topic's retention.
+    """
+    value = record.value or b""
+    headers = [
         ("saga.dlq.reason", reason.encode()),
         ("saga.dlq.detail", detail.encode()[:2000]),
         ("saga.dlq.source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-        *record.headers,
-    )
-    return Outgoing(dlq_topic, record.key, record.value or b"", headers)
+    ]
+    if len(value) > DLQ_MAX_VALUE:
+        headers.append(("saga.dlq.truncated_from", str(len(value)).encode()))
+        headers.append(("saga.dlq.sha256", hashlib.sha256(value).hexdigest().encode()))
+        value = value[:DLQ_MAX_VALUE]
+    return Outgoing(dlq_topic, record.key, value, (*headers, *record.headers))
 
 
 class Coordinator:
@@ -315,7 +329,7 @@ class Coordinator:
                         for r in poison
                     ]
                 )
-        except (TransportError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # any failure: the partition is taken over again later
             await stack.aclose()
             log.warning("partition %d: could not take it over (%s); will try again", p, exc)
             self._lost.add(p)

@@ -245,16 +245,27 @@ class Participant:
         for r in records:
             by_saga[r.key].append(r)
 
+        failures: list[TransportError] = []
+
         async def run_group(group: list[Record]) -> None:
             for r in group:
+                if failures:
+                    return  # the broker is away: the rest comes again after the rewind
                 async with self._limiter:
                     reply = await self._handle_record(r)
                 # Sent before the next command of the same saga runs, so replies keep order.
-                await producer.send([reply])
+                try:
+                    await producer.send([reply])
+                except TransportError as exc:
+                    failures.append(exc)
+                    return
 
         async with anyio.create_task_group() as tg:
             for group in by_saga.values():
                 tg.start_soon(run_group, group)
+        if failures:
+            # One plain error, not an ExceptionGroup, so that `run` rewinds and rides it out.
+            raise failures[0]
 
     async def _handle_record(self, record: Record) -> Outgoing:
         try:
