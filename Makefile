@@ -20,7 +20,7 @@ TYPED := $(wildcard saga deploy services)
 KAFKA_PORT ?= 9092
 KAFKA_CONTROLLER_PORT ?= 9093
 
-.PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench clean
+.PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench chaos clean
 
 help:
 	@echo "make install      create .venv and install the project with its dev extras"
@@ -32,6 +32,7 @@ help:
 	@echo "make lint         ruff and mypy --strict"
 	@echo "make test         install, deps, lint, then pytest (starts its own Kafka and Jaeger)"
 	@echo "make demo         run the example services against kafka-up and jaeger-up"
+	@echo "make chaos        the chaos suite at a larger size (CHAOS_SAGAS, CHAOS_SEED to replay)"
 	@echo "make bench        benchmarks on a throwaway Kafka and Jaeger (report: bench/REPORT.md)"
 	@echo "make clean        remove .venv and the project's caches (not ~/.cache)"
 
@@ -77,6 +78,13 @@ demo: $(STAMP)
 	SAGA_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) \
 	OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 \
 	$(PY) -m services.demo
+
+# The chaos suite runs in `make test` at a small size; this runs it larger. A failing run prints
+# its seed: CHAOS_SEED=<seed> make chaos replays it.
+CHAOS_SAGAS ?= 150
+chaos: $(STAMP)
+	$(MAKE) --no-print-directory deps
+	CHAOS_SAGAS=$(CHAOS_SAGAS) $(PY) -m pytest tests/chaos -q --timeout 1800
 
 # Benchmarks start their own throwaway broker and Jaeger; figures go to stdout as JSON lines.
 bench: $(STAMP)

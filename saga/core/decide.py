@@ -343,6 +343,10 @@ class _Plan:
         ss = self.step_state(sd.name)
         used = ss.attempt - ss.budget_from
         running = self.s.status is SagaStatus.RUNNING
+        # An earlier attempt that timed out may still land under the same idempotency key. A
+        # business failure is stored under that key, so a late delivery replays it and takes no
+        # effect; a technical failure is not stored, so the outcome stays unknown.
+        unknown = timed_out or (ss.uncertain and not error.business)
         if not error.business and running and sd.retry.allows_retry(used, error.type):
             delay = sd.retry.backoff(used, f"{self.s.saga_id}/{sd.name}/action")
             self.emit(
@@ -352,9 +356,9 @@ class _Plan:
                 error=error,
                 retry_at=self.now + delay,
             )
-        elif sd.kind is StepKind.RETRIABLE or (sd.kind is StepKind.PIVOT and timed_out):
+        elif sd.kind is StepKind.RETRIABLE or (sd.kind is StepKind.PIVOT and unknown):
             self.emit(StepStuck, step=sd.name, phase="action", attempt=ss.attempt, error=error)
-        elif timed_out:
+        elif unknown:
             self.emit(StepTimedOut, step=sd.name, attempt=ss.attempt)
         else:
             self.emit(StepFailedEvent, step=sd.name, attempt=ss.attempt, error=error)
@@ -482,7 +486,7 @@ class _Plan:
             ss = self.step_state(sd.name)
             if ss.status is StepStatus.RETRYING:
                 progressed = True
-                if ss.error is not None and ss.error.type == "Timeout":
+                if ss.uncertain:
                     self.emit(StepTimedOut, step=sd.name, attempt=ss.attempt)
                 else:
                     error = ErrorInfo(

@@ -174,6 +174,8 @@ class StepState(BaseModel):
     error: ErrorInfo | None = None
     """The latest failure of the action or compensation."""
     stuck_phase: Phase | None = None
+    uncertain: bool = False
+    """An attempt of the action timed out: it may still take effect, whatever follows."""
     started_at: float | None = None
     """When the first attempt was sent."""
     finished_at: float | None = None
@@ -304,6 +306,8 @@ def _evolve_step(state: SagaState, name: str, event: EventBase) -> StepState:
         u |= {"output": event.output, "deadline_at": None, "finished_at": at, "error": None}
     elif isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
         u |= {"error": event.error, "deadline_at": None, "retry_at": event.retry_at}
+        if isinstance(event, StepRetryScheduled) and event.error.type == "Timeout":
+            u["uncertain"] = True
     elif isinstance(event, StepFailedEvent):
         u |= {"error": event.error, "deadline_at": None, "retry_at": None, "finished_at": at}
     elif isinstance(event, StepTimedOut):
