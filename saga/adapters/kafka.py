@@ -378,7 +378,10 @@ class _KafkaTxProducer:
         except ProducerFenced as exc:
             self._broken = "fenced"
             raise Fenced(str(exc)) from exc
-        except (KafkaError, TimeoutError) as exc:
+        except Exception as exc:
+            # Not only KafkaError: a producer that learns it was fenced after beginning the
+            # transaction raises IllegalOperation from send. Whatever it is, the transaction
+            # did not commit; the coordinator drops the partition and re-reads the log.
             self._broken = repr(exc)
             raise TransportError(f"transaction aborted: {exc!r}") from exc
 

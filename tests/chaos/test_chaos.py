@@ -175,7 +175,9 @@ def _recovery_times(cluster: Cluster, kills: list[float]) -> list[float]:
 
 @pytest.mark.timeout(max(300, 120 + SAGAS * 3))
 @pytest.mark.anyio
-async def test_chaos(chaos_kafka: KafkaServer, tmp_path: Path) -> None:
+async def test_chaos(
+    chaos_kafka: KafkaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = random.Random(SEED)
     replay = f"replay with: CHAOS_SEED={SEED} CHAOS_SAGAS={SAGAS} make chaos"
     prefix = f"chaos-{SEED}-{uuid.uuid4().hex[:6]}"
@@ -235,7 +237,8 @@ async def test_chaos(chaos_kafka: KafkaServer, tmp_path: Path) -> None:
             + (", ".join(f"{s:.1f}s" for s in recovery) or "n/a")
             + f"; {time.monotonic() - started_at:.0f}s in all"
         )
-        print("\n" + summary)
+        with capsys.disabled():  # shown even when the output is captured (make test, make chaos)
+            print("\n" + summary)
         cluster.check()
         not_final = [s for s in work.started if s not in states or not states[s].is_final]
         assert not not_final, (

@@ -76,10 +76,7 @@ DEFINITION = SagaDefinition(
 )
 
 _FAULTS = {
-    # No technical failures of the compensatable actions here: with a timed-out attempt still
-    # in flight they hit a known engine bug (test_late_attempt_after_retries_ran_out_is_undone).
-    # Put "tech" back for a, b and c once it is fixed.
-    **dict.fromkeys(COMPENSATABLE, ("business", "comp_tech")),
+    **dict.fromkeys(COMPENSATABLE, ("business", "tech", "comp_tech")),
     "p": ("business", "tech"),
     "r": ("tech",),
 }

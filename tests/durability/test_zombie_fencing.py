@@ -14,13 +14,18 @@ import random
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import IllegalOperation
 
-from saga import SagaClient
+from saga import SagaClient, SagaStatus
 from saga.adapters.kafka import KafkaTransport
 from tests.chaos.cluster import Cluster, Proc, ensure_topics, eventually, wait_until_final
+from tests.chaos.inprocess import open_in_process
 from tests.chaos.workload import Workload, canary, random_plan, verify
 from tests.durability.conftest import SEED
 
@@ -102,3 +107,40 @@ def _zombie_takeovers(zombie: Proc, survivor: Proc, resumed: float) -> tuple[lis
     revoked = min((t for t, m in lines if t > resumed and "Revoking" in m), default=1e18)
     fenced = [m for t, m in lines if resumed < t < revoked and "fenced by a newer" in m]
     return stale, fenced
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.anyio
+async def test_a_transaction_that_turns_illegal_is_retried(
+    bootstrap: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = KafkaTransport(bootstrap, deadline=15)
+    await ensure_topics(transport, prefix, PARTITIONS)
+    victim = 1
+    ids = [
+        f"saga-{i}"
+        for i in range(1000)
+        if transport.partition_for(f"saga-{i}".encode(), PARTITIONS) == victim
+    ][:2]
+    send = AIOKafkaProducer.send
+    armed: list[bool] = []
+
+    async def flaky_send(self: AIOKafkaProducer, topic: str, *args: Any, **kwargs: Any) -> Any:
+        # What aiokafka did to the woken zombie, once, in the victim partition's transaction.
+        txn = self._txn_manager
+        mine = txn is not None and txn.transactional_id == f"{prefix}.coordinator.{victim}"
+        if armed and mine and topic.endswith(".log"):
+            armed.clear()
+            raise IllegalOperation("Can't send messages while not in transaction")
+        return await send(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", flaky_send)
+    async with open_in_process(transport, prefix, PARTITIONS, tmp_path / "ledger.db") as c:
+        await c.start("chain", {"plan": {}}, ids[0])
+        assert (await c.wait(ids[0], 60)).status is SagaStatus.COMPLETED
+        armed.append(True)
+        await c.start("chain", {"plan": {}}, ids[1])
+        state = await c.wait(ids[1], 20)
+    assert not armed
+    assert state.status is SagaStatus.COMPLETED
