@@ -1,9 +1,11 @@
-"""Process plumbing shared by `deploy.kafka` and `deploy.jaeger`.
+"""Process plumbing shared by the local servers, the demo fleet and the chaos supervisor.
 
-Every server runs in its own session (process group), with stdout and stderr appended to a log
-file, so that stopping it reaches any child it forks and a failure can quote the log. Readiness
-is a probe polled against a deadline; if the process exits first, the error quotes its log.
-The daemons of `make kafka-up` and `make jaeger-up` are tracked by `deploy._daemon`.
+A `Child` runs in its own session (process group), with stdout and stderr appended to a log
+file, so that stopping it reaches any child it forks and a failure can quote the log. It stops
+with SIGTERM, then SIGKILL after a grace period; `stop_all` does that for many at once.
+Readiness is a probe polled against a deadline; if the process exits first, the error quotes
+its log. `deploy._server` builds the Kafka and Jaeger servers on it; the daemons of
+`make kafka-up` and `make jaeger-up` are tracked by `deploy._daemon`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
     "LOOPBACK",
+    "Child",
     "FetchError",
     "InfraError",
     "PortInUseError",
@@ -32,15 +35,13 @@ __all__ = [
     "file_lock",
     "free_port",
     "is_alive",
-    "kill_process",
     "log_tail",
     "port_accepts",
     "remove_quietly",
     "require_tool",
     "run_dir",
-    "start_process",
+    "stop_all",
     "stop_process",
-    "wait_ready",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -195,40 +196,6 @@ def port_accepts(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def start_process(
-    argv: Sequence[str],
-    log_path: Path,
-    *,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.Popen[bytes]:
-    """Starts a server in a new session with its output appended to a log file.
-
-    Args:
-        argv: The program and its arguments.
-        log_path: The file receiving stdout and stderr; appended to, so a restart keeps the
-            earlier run's lines.
-        env: The environment; the current one when None.
-        cwd: The working directory; the current one when None.
-
-    Returns:
-        The started process; its pid is also its process group id.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=None if env is None else dict(env),
-            cwd=cwd,
-            # A new session makes the pid a process group id: stopping the group reaches any
-            # child, and Ctrl-C in the terminal that ran `make kafka-up` does not reach it.
-            start_new_session=True,
-        )
-
-
 def log_tail(log_path: Path, lines: int = 40) -> str:
     """Returns the last lines of a log file, or a note when it cannot be read.
 
@@ -241,48 +208,6 @@ def log_tail(log_path: Path, lines: int = 40) -> str:
     except OSError as exc:
         return f"(log {log_path} unreadable: {exc})"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def wait_ready(
-    proc: subprocess.Popen[bytes],
-    probe: Callable[[], bool],
-    *,
-    what: str,
-    timeout: float,
-    log_path: Path,
-    interval: float = 0.2,
-) -> None:
-    """Polls `probe` until it returns True, the process exits, or the deadline passes.
-
-    The process is left running on failure; the caller decides whether to stop it.
-
-    Args:
-        proc: The started server.
-        probe: Returns True once the server answers; must not raise.
-        what: The server's name, for the messages.
-        timeout: Seconds before giving up.
-        log_path: The server's log, quoted in the error.
-        interval: Seconds between probes.
-
-    Raises:
-        StartError: The process exited, or the deadline passed first.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise StartError(
-                f"{what} exited with code {code} during start-up. "
-                f"Last lines of {log_path}:\n{log_tail(log_path)}"
-            )
-        if probe():
-            return
-        if time.monotonic() >= deadline:
-            raise StartError(
-                f"{what} did not become ready within {timeout:.0f} s. "
-                f"Last lines of {log_path}:\n{log_tail(log_path)}"
-            )
-        time.sleep(interval)
 
 
 def is_alive(pid: int) -> bool:
@@ -310,13 +235,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _wait_exit(pid: int, popen: subprocess.Popen[bytes] | None, timeout: float) -> bool:
-    if popen is not None:
-        try:
-            popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while is_alive(pid):
         if time.monotonic() >= deadline:
@@ -325,32 +244,235 @@ def _wait_exit(pid: int, popen: subprocess.Popen[bytes] | None, timeout: float) 
     return True
 
 
-def stop_process(
-    pid: int, *, popen: subprocess.Popen[bytes] | None = None, grace: float = 15.0
-) -> None:
-    """Stops a server's process group: SIGTERM, then SIGKILL after a grace period.
+def stop_process(pid: int, *, grace: float = 15.0) -> None:
+    """Stops a process group that another process started: SIGTERM, then SIGKILL after `grace`.
+
+    For a daemon known only by its pid file; a `Child` of this process stops itself.
 
     Args:
-        pid: The server's pid, which is also its process group id.
-        popen: The Popen object when this process started the server, so it is reaped.
+        pid: The process's pid, which is also its process group id.
         grace: Seconds allowed for a clean shutdown before SIGKILL.
     """
     _signal_group(pid, signal.SIGTERM)
     # A stopped (SIGSTOP) process cannot act on SIGTERM until it is continued.
     _signal_group(pid, signal.SIGCONT)
-    if not _wait_exit(pid, popen, grace):
-        kill_process(pid, popen=popen)
+    if not _wait_gone(pid, grace):
+        _signal_group(pid, signal.SIGKILL)
+        _wait_gone(pid, 10.0)
 
 
-def kill_process(pid: int, *, popen: subprocess.Popen[bytes] | None = None) -> None:
-    """Kills a server's process group with SIGKILL and waits for it to go.
+class Child:
+    """A child process in a session of its own, its stdout and stderr appended to a log file.
+
+    The session makes the pid a process group id, so every signal reaches any process the child
+    forks, and Ctrl-C in the parent's terminal does not reach the child: the parent stops its
+    children in order instead of all of them dying at once. `start` may be called again after
+    the process exited; the log keeps every run's lines. Signals are only sent while the process
+    has not been reaped, so a recycled pid is never hit.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        banner: bool = False,
+    ) -> None:
+        """Describes the process; `start` runs it.
+
+        Args:
+            name: What the process is, for messages and the banner.
+            argv: The program and its arguments.
+            log_path: The file receiving stdout and stderr, appended to.
+            env: The environment; the current one when None.
+            cwd: The working directory; the current one when None.
+            banner: Whether each start first writes a ``--- HH:MM:SS starting <name>`` line to
+                the log, so the runs of a restarted process can be told apart.
+        """
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = None if env is None else dict(env)
+        self.cwd = cwd
+        self.banner = banner
+        self.popen: subprocess.Popen[bytes] | None = None
+        """The latest run; None until the first `start`."""
+
+    @property
+    def pid(self) -> int:
+        """The latest run's pid (also its process group id).
+
+        Raises:
+            InfraError: The process was never started.
+        """
+        if self.popen is None:
+            raise InfraError(f"{self.name} was never started")
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process exists (it may be paused)."""
+        return self.popen is not None and self.popen.poll() is None
+
+    def poll(self) -> int | None:
+        """Returns the exit status of the latest run, or None while it runs or before a start."""
+        return None if self.popen is None else self.popen.poll()
+
+    def start(self) -> None:
+        """Starts the process.
+
+        Raises:
+            InfraError: It is running already.
+        """
+        if self.alive:
+            raise InfraError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            if self.banner:
+                log.write(f"--- {time.strftime('%H:%M:%S')} starting {self.name}\n".encode())
+                log.flush()
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Sends `sig` to the process group if the process still runs.
+
+        Args:
+            sig: The signal.
+        """
+        if self.alive:
+            _signal_group(self.pid, sig)
+
+    def request_stop(self) -> None:
+        """Sends SIGTERM without waiting; `stop` and `stop_all` wait and kill."""
+        self.send_signal(signal.SIGTERM)
+        # A paused (SIGSTOP) process cannot act on SIGTERM until it is continued.
+        self.send_signal(signal.SIGCONT)
+
+    def wait(self, timeout: float) -> int | None:
+        """Waits for the process to exit.
+
+        Args:
+            timeout: Seconds to wait at most.
+
+        Returns:
+            Its exit status, or None when it still runs (or was never started).
+        """
+        if self.popen is None:
+            return None
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """Kills the process group with SIGKILL, as a crash would, and waits for it to go."""
+        self._kill()
+
+    def _kill(self) -> None:
+        # Separate from `kill`, which subclasses extend with bookkeeping that `stop` must not do.
+        self.send_signal(signal.SIGKILL)
+        self.wait(10.0)
+
+    def stop(self, grace: float) -> int | None:
+        """Stops the process: SIGTERM, then SIGKILL after `grace` seconds.
+
+        Args:
+            grace: Seconds allowed for a clean shutdown.
+
+        Returns:
+            Its exit status when it exited within `grace`; None when it had to be killed or was
+            not running.
+        """
+        if not self.alive:
+            return None
+        self.request_stop()
+        code = self.wait(grace)
+        if code is None:
+            self._kill()
+        return code
+
+    def pause(self) -> None:
+        """Freezes the process group with SIGSTOP: its sockets stay open but nothing answers."""
+        self.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continues a paused process group with SIGCONT."""
+        self.send_signal(signal.SIGCONT)
+
+    def tail(self, lines: int = 40) -> str:
+        """Returns the end of the log, for error messages.
+
+        Args:
+            lines: How many lines to return at most.
+        """
+        return log_tail(self.log_path, lines)
+
+    def wait_ready(
+        self, probe: Callable[[], bool], *, what: str, timeout: float, interval: float = 0.2
+    ) -> None:
+        """Polls `probe` until it returns True, the process exits, or the deadline passes.
+
+        The process is left running on failure; the caller decides whether to stop it.
+
+        Args:
+            probe: Returns True once the process answers; must not raise.
+            what: What answers, for the messages.
+            timeout: Seconds before giving up.
+            interval: Seconds between probes.
+
+        Raises:
+            StartError: The process exited, or the deadline passed first; the message quotes
+                the end of the log.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.poll()
+            if code is not None:
+                raise StartError(
+                    f"{what} exited with code {code} during start-up. "
+                    f"Last lines of {self.log_path}:\n{self.tail()}"
+                )
+            if probe():
+                return
+            if time.monotonic() >= deadline:
+                raise StartError(
+                    f"{what} did not become ready within {timeout:.0f} s. "
+                    f"Last lines of {self.log_path}:\n{self.tail()}"
+                )
+            time.sleep(interval)
+
+    def __repr__(self) -> str:
+        """Shows the name and the pid of a running process."""
+        return f"{type(self).__name__}({self.name!r}, pid={self.pid if self.alive else None})"
+
+
+def stop_all(children: Iterable[Child], grace: float) -> None:
+    """Stops several processes at once: SIGTERM to all, then SIGKILL to those left after `grace`.
+
+    One shared grace period, so stopping many processes takes `grace` and not a multiple.
 
     Args:
-        pid: The server's pid, which is also its process group id.
-        popen: The Popen object when this process started the server, so it is reaped.
+        children: The processes; those not running are skipped.
+        grace: Seconds allowed for a clean shutdown.
     """
-    _signal_group(pid, signal.SIGKILL)
-    _wait_exit(pid, popen, 10.0)
+    running = [child for child in children if child.alive]
+    for child in running:
+        child.request_stop()
+    deadline = time.monotonic() + grace
+    for child in running:
+        if child.wait(max(0.0, deadline - time.monotonic())) is None:
+            child._kill()
 
 
 def remove_quietly(path: Path) -> None:

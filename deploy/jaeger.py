@@ -18,32 +18,17 @@ Command line (used by `make jaeger-up` / `make jaeger-down`):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shutil
-import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from deploy._daemon import Daemon
 from deploy._go import build_go_program
-from deploy._proc import (
-    LOOPBACK,
-    InfraError,
-    cache_dir,
-    check_port_free,
-    free_port,
-    kill_process,
-    port_accepts,
-    start_process,
-    stop_process,
-    wait_ready,
-)
+from deploy._proc import LOOPBACK, cache_dir, port_accepts
+from deploy._server import LocalServer, ServerCli, UpOption, launch
 
 __all__ = [
     "JAEGER_MODULE",
@@ -147,12 +132,24 @@ def _query_answers(query_port: int) -> bool:
     return isinstance(body, dict) and "data" in body
 
 
-class JaegerServer:
+_PORT_ROLES = (
+    "Jaeger OTLP/gRPC receiver",
+    "Jaeger OTLP/HTTP receiver",
+    "Jaeger query HTTP API",
+    "Jaeger query gRPC API",
+)
+
+
+class JaegerServer(LocalServer):
     """A running (or stopped) Jaeger with in-memory storage.
 
     Use it as a context manager: leaving the block stops Jaeger and, if `start_jaeger` created
     the working directory, removes it. Stored traces live in memory and die with the process.
     """
+
+    TITLE = "Jaeger"
+    LOG_NAME = "jaeger.log"
+    STOP_GRACE = 10.0
 
     def __init__(
         self,
@@ -176,14 +173,18 @@ class JaegerServer:
             owns_work_dir: Whether leaving the context manager removes `work_dir`.
             ready_timeout: Seconds each start may take before `StartError`.
         """
+        super().__init__(
+            directory=work_dir, owns_directory=owns_work_dir, ready_timeout=ready_timeout
+        )
         self.otlp_grpc_port = otlp_grpc_port
         self.otlp_http_port = otlp_http_port
         self.query_port = query_port
         self.query_grpc_port = query_grpc_port
-        self.work_dir = work_dir
-        self.ready_timeout = ready_timeout
-        self._owns_work_dir = owns_work_dir
-        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        """Holds config.yaml and jaeger.log."""
+        return self.directory
 
     @property
     def otlp_http_endpoint(self) -> str:
@@ -201,53 +202,24 @@ class JaegerServer:
         return f"http://{LOOPBACK}:{self.query_port}"
 
     @property
-    def log_path(self) -> Path:
-        """Jaeger's stdout and stderr."""
-        return self.work_dir / "jaeger.log"
+    def label(self) -> str:
+        """Jaeger and its query URL, for start-up errors."""
+        return f"Jaeger (query on {self.query_url})"
 
-    @property
-    def pid(self) -> int:
-        """Jaeger's pid (also its process group id).
+    def ports(self) -> dict[str, int]:
+        """Returns the OTLP receiver and query ports, keyed by role."""
+        ports = (self.otlp_grpc_port, self.otlp_http_port, self.query_port, self.query_grpc_port)
+        return dict(zip(_PORT_ROLES, ports, strict=True))
 
-        Raises:
-            InfraError: Jaeger is not running.
-        """
-        if self._proc is None:
-            raise InfraError("Jaeger is not running")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the Jaeger process exists."""
-        return self._proc is not None and self._proc.poll() is None
-
-    def _ports(self) -> dict[str, int]:
-        return {
-            "Jaeger OTLP/gRPC receiver": self.otlp_grpc_port,
-            "Jaeger OTLP/HTTP receiver": self.otlp_http_port,
-            "Jaeger query HTTP API": self.query_port,
-            "Jaeger query gRPC API": self.query_grpc_port,
-        }
-
-    def _ready(self) -> bool:
+    def ping(self) -> bool:
+        """Tells whether the query API answers and both OTLP ports accept connections."""
         return (
             _query_answers(self.query_port)
             and port_accepts(self.otlp_http_port)
             and port_accepts(self.otlp_grpc_port)
         )
 
-    def start(self) -> None:
-        """Starts Jaeger on the configured ports and waits until it answers.
-
-        Raises:
-            InfraError: Jaeger is already running.
-            PortInUseError: A port is taken by another process.
-            StartError: Jaeger exited or was not ready in time; it is stopped again.
-        """
-        if self.running:
-            raise InfraError(f"Jaeger is already running (pid {self.pid})")
-        for what, port in self._ports().items():
-            check_port_free(port, what)
+    def _prepare(self) -> list[str]:
         binary = build()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         config = self.work_dir / "config.yaml"
@@ -259,59 +231,11 @@ class JaegerServer:
         )
         # JSON is YAML: no YAML library is needed before the virtualenv exists.
         config.write_text("# Written by deploy/jaeger.py on every start.\n" + json.dumps(settings))
-        self._proc = start_process(
-            [str(binary), "--config", f"file:{config}"], self.log_path, cwd=self.work_dir
-        )
-        try:
-            wait_ready(
-                self._proc,
-                self._ready,
-                what=f"Jaeger (query on {self.query_url})",
-                timeout=self.ready_timeout,
-                log_path=self.log_path,
-            )
-        except BaseException:
-            self.kill()
-            raise
-
-    def stop(self, grace: float = 10.0) -> None:
-        """Stops Jaeger (SIGTERM), killing it after `grace` seconds.
-
-        Args:
-            grace: Seconds allowed for a clean shutdown.
-        """
-        if self._proc is not None:
-            stop_process(self._proc.pid, popen=self._proc, grace=grace)
-            self._proc = None
-
-    def kill(self) -> None:
-        """Kills Jaeger with SIGKILL."""
-        if self._proc is not None:
-            kill_process(self._proc.pid, popen=self._proc)
-            self._proc = None
-
-    def close(self) -> None:
-        """Stops Jaeger and removes the working directory if `start_jaeger` created it."""
-        self.stop()
-        if self._owns_work_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> JaegerServer:
-        """Returns the started server."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stops Jaeger and removes an owned working directory."""
-        self.close()
+        return [str(binary), "--config", f"file:{config}"]
 
     def __repr__(self) -> str:
         """Shows the endpoints and the pid."""
-        pid = self._proc.pid if self.running and self._proc is not None else None
+        pid = self._shown_pid()
         return f"JaegerServer(otlp={self.otlp_http_endpoint}, query={self.query_url}, pid={pid})"
 
 
@@ -346,88 +270,66 @@ def start_jaeger(
         FetchError: Jaeger could not be built.
         StartError: Jaeger exited or did not answer in time; it has been stopped.
     """
-    requested = {
-        "Jaeger OTLP/gRPC receiver": otlp_grpc_port,
-        "Jaeger OTLP/HTTP receiver": otlp_http_port,
-        "Jaeger query HTTP API": query_port,
-        "Jaeger query gRPC API": query_grpc_port,
-    }
-    for what, wanted in requested.items():
-        if wanted is not None:
-            check_port_free(wanted, what)
-    taken = {port for port in requested.values() if port is not None}
-    chosen: list[int] = []
-    for wanted in requested.values():
-        port = wanted
-        while port is None or (wanted is None and port in taken):
-            port = free_port()
-        taken.add(port)
-        chosen.append(port)
-    owns = work_dir is None
-    directory = Path(tempfile.mkdtemp(prefix="saga-jaeger-")) if work_dir is None else work_dir
-    server = JaegerServer(
-        otlp_grpc_port=chosen[0],
-        otlp_http_port=chosen[1],
-        query_port=chosen[2],
-        query_grpc_port=chosen[3],
-        work_dir=directory,
-        owns_work_dir=owns,
-        ready_timeout=ready_timeout,
+    requested = (otlp_grpc_port, otlp_http_port, query_port, query_grpc_port)
+    return launch(
+        dict(zip(_PORT_ROLES, requested, strict=True)),
+        work_dir,
+        "saga-jaeger-",
+        lambda ports, directory, owns: JaegerServer(
+            otlp_grpc_port=ports[0],
+            otlp_http_port=ports[1],
+            query_port=ports[2],
+            query_grpc_port=ports[3],
+            work_dir=directory,
+            owns_work_dir=owns,
+            ready_timeout=ready_timeout,
+        ),
     )
-    try:
-        server.start()
-    except BaseException:
-        if owns:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return server
 
 
-# --- command line -------------------------------------------------------------------------
-
-
-def _daemon() -> Daemon:
-    return Daemon("jaeger", expect="jaeger")
-
-
-def _cmd_up(grpc: int, http: int, query: int, query_grpc: int) -> int:
-    daemon = _daemon()
-    found = daemon.find()
-    if found is not None:
-        pid, state = found
-        print(f"Jaeger is already running (pid {pid}); UI at {state.get('query_url', '?')}.")
-        return 0
-    work = daemon.directory / "work"
-    server = start_jaeger(grpc, http, query, query_grpc_port=query_grpc, work_dir=work)
-    daemon.record(
-        server.pid,
-        {"otlp_http_endpoint": server.otlp_http_endpoint,
-         "otlp_grpc_endpoint": server.otlp_grpc_endpoint, "query_url": server.query_url,
-         "log": str(server.log_path)},
-    )  # fmt: skip
-    print(f"Jaeger {JAEGER_MODULE_VERSION} is up (pid {server.pid}).")
-    print(f"OTLP: {server.otlp_http_endpoint} (HTTP), {server.otlp_grpc_endpoint} (gRPC)")
-    print(f"UI:   {server.query_url}    Log: {server.log_path}")
-    return 0
-
-
-def _cmd_down() -> int:
-    pid = _daemon().stop(grace=10.0)
-    print("Jaeger is not running." if pid is None else f"Jaeger (pid {pid}) stopped.")
-    return 0
-
-
-def _cmd_status() -> int:
-    found = _daemon().find()
-    if found is None:
-        print("Jaeger is not running.")
-        return 3  # LSB's "program is not running".
-    pid, state = found
-    print(
-        f"Jaeger is running (pid {pid}); OTLP at {state.get('otlp_http_endpoint', '?')}, "
-        f"UI at {state.get('query_url', '?')}. Log: {state.get('log', '?')}"
+class _Cli(ServerCli[JaegerServer]):
+    NAME = "Jaeger"
+    EXPECT = "jaeger"
+    DESCRIPTION = "Jaeger v2 with memory storage on loopback."
+    PREPARE = ("build", "build Jaeger into the cache (once)")
+    UP_OPTIONS = (
+        UpOption("--otlp-grpc-port", 4317, "default 4317"),
+        UpOption("--otlp-http-port", 4318, "default 4318"),
+        UpOption("--query-port", 16686, "UI and API, default 16686"),
+        UpOption("--query-grpc-port", 16685, "default 16685"),
     )
-    return 0
+    DOWN_GRACE = 10.0
+
+    def prepare(self) -> str:
+        return f"Jaeger {JAEGER_MODULE_VERSION} binary: {build()}"
+
+    def start(self, ports: Sequence[int], run_dir: Path) -> JaegerServer:
+        grpc, http, query, query_grpc = ports
+        return start_jaeger(
+            grpc, http, query, query_grpc_port=query_grpc, work_dir=run_dir / "work"
+        )
+
+    def state(self, server: JaegerServer) -> dict[str, object]:
+        return {
+            "otlp_http_endpoint": server.otlp_http_endpoint,
+            "otlp_grpc_endpoint": server.otlp_grpc_endpoint,
+            "query_url": server.query_url,
+        }
+
+    def started(self, server: JaegerServer) -> list[str]:
+        return [
+            f"Jaeger {JAEGER_MODULE_VERSION} is up (pid {server.pid}).",
+            f"OTLP: {server.otlp_http_endpoint} (HTTP), {server.otlp_grpc_endpoint} (gRPC)",
+            f"UI:   {server.query_url}    Log: {server.log_path}",
+        ]
+
+    def where(self, state: Mapping[str, object]) -> str:
+        return f"; UI at {state.get('query_url', '?')}"
+
+    def status(self, state: Mapping[str, object]) -> str:
+        return (
+            f"; OTLP at {state.get('otlp_http_endpoint', '?')}, UI at {state.get('query_url', '?')}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,34 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: The arguments after the program name; `sys.argv[1:]` when None.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m deploy.jaeger", description="Jaeger v2 with memory storage on loopback."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build Jaeger into the cache (once)")
-    up = sub.add_parser("up", help="start Jaeger in the background")
-    up.add_argument("--otlp-grpc-port", type=int, default=4317, help="default 4317")
-    up.add_argument("--otlp-http-port", type=int, default=4318, help="default 4318")
-    up.add_argument("--query-port", type=int, default=16686, help="UI and API, default 16686")
-    up.add_argument("--query-grpc-port", type=int, default=16685, help="default 16685")
-    sub.add_parser("down", help="stop the background Jaeger")
-    sub.add_parser("status", help="tell whether the background Jaeger runs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.command == "build":
-            print(f"Jaeger {JAEGER_MODULE_VERSION} binary: {build()}")
-            return 0
-        if args.command == "up":
-            return _cmd_up(
-                args.otlp_grpc_port, args.otlp_http_port, args.query_port, args.query_grpc_port
-            )
-        if args.command == "down":
-            return _cmd_down()
-        return _cmd_status()
-    except InfraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return _Cli().main(argv)
 
 
 if __name__ == "__main__":

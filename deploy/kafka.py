@@ -18,39 +18,30 @@ Command line (used by `make kafka-up` / `make kafka-down`):
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from deploy._daemon import Daemon
 from deploy._proc import (
     LOOPBACK,
     FetchError,
-    InfraError,
     StartError,
     cache_dir,
-    check_port_free,
     file_lock,
-    free_port,
-    kill_process,
     remove_quietly,
     require_tool,
-    start_process,
-    stop_process,
-    wait_ready,
 )
+from deploy._server import LocalServer, ServerCli, UpOption, launch
 
 __all__ = [
     "JVM_OPTIONS",
@@ -250,13 +241,20 @@ def _broker_ready(port: int, timeout: float = 5.0) -> bool:
         return False
 
 
-class KafkaServer:
+_PORT_ROLES = ("Kafka broker", "Kafka controller")
+
+
+class KafkaServer(LocalServer):
     """A running (or stopped) single-node broker and the data directory it owns.
 
     Use it as a context manager: leaving the block stops the broker and, if `start_kafka`
     created the data directory, removes it. `stop`, `kill` and `pause` leave the data in place,
     so `restart` brings the same broker back with its topics and committed offsets.
     """
+
+    TITLE = "the Kafka broker"
+    LOG_NAME = "kafka.log"
+    STOP_GRACE = 15.0
 
     def __init__(
         self,
@@ -276,12 +274,16 @@ class KafkaServer:
             owns_data_dir: Whether leaving the context manager removes `data_dir`.
             ready_timeout: Seconds each start may take before `StartError`.
         """
+        super().__init__(
+            directory=data_dir, owns_directory=owns_data_dir, ready_timeout=ready_timeout
+        )
         self.port = port
         self.controller_port = controller_port
-        self.data_dir = data_dir
-        self.ready_timeout = ready_timeout
-        self._owns_data_dir = owns_data_dir
-        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        """Holds server.properties, log4j.properties, kafka.log and the log dirs."""
+        return self.directory
 
     @property
     def bootstrap_servers(self) -> str:
@@ -289,25 +291,13 @@ class KafkaServer:
         return f"{LOOPBACK}:{self.port}"
 
     @property
-    def log_path(self) -> Path:
-        """The broker's stdout and stderr, appended across restarts."""
-        return self.data_dir / "kafka.log"
+    def label(self) -> str:
+        """The broker and its address, for start-up errors."""
+        return f"Kafka broker on {self.bootstrap_servers}"
 
-    @property
-    def pid(self) -> int:
-        """The broker's pid (also its process group id).
-
-        Raises:
-            InfraError: The broker is not running.
-        """
-        if self._proc is None:
-            raise InfraError("the Kafka broker is not running")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the broker process exists (it may be paused)."""
-        return self._proc is not None and self._proc.poll() is None
+    def ports(self) -> dict[str, int]:
+        """Returns the client and controller ports, keyed by role."""
+        return dict(zip(_PORT_ROLES, (self.port, self.controller_port), strict=True))
 
     def ping(self, timeout: float = 5.0) -> bool:
         """Tells whether the broker answers ApiVersions and Metadata requests right now.
@@ -317,18 +307,7 @@ class KafkaServer:
         """
         return _broker_ready(self.port, timeout)
 
-    def start(self) -> None:
-        """Starts the broker on the configured ports and waits until it answers.
-
-        Raises:
-            InfraError: The broker is already running.
-            PortInUseError: A port is taken by another process.
-            StartError: The broker exited or was not ready in time; it is stopped again.
-        """
-        if self.running:
-            raise InfraError(f"the Kafka broker is already running (pid {self.pid})")
-        check_port_free(self.port, "Kafka broker")
-        check_port_free(self.controller_port, "Kafka controller")
+    def _prepare(self) -> list[str]:
         libs = fetch()
         java = require_tool("java", _JAVA_HINT)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -345,71 +324,11 @@ class KafkaServer:
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise StartError(f"formatting {log_dirs} failed:\n{done.stdout}{done.stderr}")
-        argv = _java_argv(java, libs, log4j, "kafka.Kafka", str(config))
-        self._proc = start_process(argv, self.log_path, cwd=self.data_dir)
-        try:
-            wait_ready(
-                self._proc,
-                lambda: _broker_ready(self.port),
-                what=f"Kafka broker on {self.bootstrap_servers}",
-                timeout=self.ready_timeout,
-                log_path=self.log_path,
-            )
-        except BaseException:
-            self.kill()
-            raise
-
-    def stop(self, grace: float = 15.0) -> None:
-        """Shuts the broker down cleanly (SIGTERM), killing it after `grace` seconds.
-
-        Args:
-            grace: Seconds allowed for a controlled shutdown.
-        """
-        if self._proc is not None:
-            stop_process(self._proc.pid, popen=self._proc, grace=grace)
-            self._proc = None
-
-    def kill(self) -> None:
-        """Kills the broker with SIGKILL, as a crash would; the data stays for `restart`."""
-        if self._proc is not None:
-            kill_process(self._proc.pid, popen=self._proc)
-            self._proc = None
-
-    def restart(self) -> None:
-        """Stops the broker if it runs, then starts it again on the same ports and data."""
-        self.stop()
-        self.start()
-
-    def pause(self) -> None:
-        """Freezes the broker with SIGSTOP: connections stay open but nothing answers."""
-        os.killpg(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """Continues a paused broker with SIGCONT."""
-        os.killpg(self.pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        """Stops the broker and removes the data directory if `start_kafka` created it."""
-        self.stop()
-        if self._owns_data_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def __enter__(self) -> KafkaServer:
-        """Returns the started server."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stops the broker and removes an owned data directory."""
-        self.close()
+        return _java_argv(java, libs, log4j, "kafka.Kafka", str(config))
 
     def __repr__(self) -> str:
         """Shows the endpoint, the pid and the data directory."""
-        pid = self._proc.pid if self.running and self._proc is not None else None
+        pid = self._shown_pid()
         return f"KafkaServer({self.bootstrap_servers}, pid={pid}, data_dir={self.data_dir})"
 
 
@@ -441,77 +360,57 @@ def start_kafka(
         FetchError: Kafka could not be fetched.
         StartError: The broker exited or did not answer in time; it has been stopped.
     """
-    # Checked before anything is fetched or written so a busy port fails fast and cleanly.
-    if port is not None:
-        check_port_free(port, "Kafka broker")
-    if controller_port is not None:
-        check_port_free(controller_port, "Kafka controller")
-    broker_port = port if port is not None else free_port()
-    ctrl_port = controller_port if controller_port is not None else free_port()
-    while ctrl_port == broker_port:
-        ctrl_port = free_port()
-    owns = data_dir is None
-    directory = Path(tempfile.mkdtemp(prefix="saga-kafka-")) if data_dir is None else data_dir
-    server = KafkaServer(
-        port=broker_port,
-        controller_port=ctrl_port,
-        data_dir=directory,
-        owns_data_dir=owns,
-        ready_timeout=ready_timeout,
+    return launch(
+        dict(zip(_PORT_ROLES, (port, controller_port), strict=True)),
+        data_dir,
+        "saga-kafka-",
+        lambda ports, directory, owns: KafkaServer(
+            port=ports[0],
+            controller_port=ports[1],
+            data_dir=directory,
+            owns_data_dir=owns,
+            ready_timeout=ready_timeout,
+        ),
     )
-    try:
-        server.start()
-    except BaseException:
-        if owns:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return server
 
 
-# --- command line -------------------------------------------------------------------------
-
-
-def _daemon() -> Daemon:
-    return Daemon("kafka", expect="kafka.Kafka")
-
-
-def _cmd_up(port: int, controller_port: int) -> int:
-    daemon = _daemon()
-    found = daemon.find()
-    if found is not None:
-        pid, state = found
-        print(f"Kafka is already running (pid {pid}) at {state.get('bootstrap_servers', '?')}.")
-        return 0
-    server = start_kafka(port, controller_port, daemon.directory / "data")
-    daemon.record(
-        server.pid,
-        {"bootstrap_servers": server.bootstrap_servers, "port": server.port,
-         "controller_port": server.controller_port, "log": str(server.log_path)},
-    )  # fmt: skip
-    print(f"Kafka {KAFKA_VERSION} is up (pid {server.pid}) at {server.bootstrap_servers}.")
-    print(f"Log: {server.log_path}")
-    return 0
-
-
-def _cmd_down() -> int:
-    pid = _daemon().stop(grace=20.0)
-    print("Kafka is not running." if pid is None else f"Kafka (pid {pid}) stopped.")
-    return 0
-
-
-def _cmd_status() -> int:
-    found = _daemon().find()
-    if found is None:
-        print("Kafka is not running.")
-        return 3  # LSB's "program is not running".
-    pid, state = found
-    port = state.get("port")
-    answers = isinstance(port, int) and _broker_ready(port)
-    print(
-        f"Kafka is running (pid {pid}) at {state.get('bootstrap_servers', '?')}, "
-        f"{'answering' if answers else 'NOT answering'}. Log: {state.get('log', '?')}"
+class _Cli(ServerCli[KafkaServer]):
+    NAME = "Kafka"
+    EXPECT = "kafka.Kafka"
+    DESCRIPTION = "A single-node Kafka on loopback."
+    PREPARE = ("fetch", "download Kafka into the cache (once)")
+    UP_OPTIONS = (
+        UpOption("--port", 9092, "client port (default 9092)"),
+        UpOption("--controller-port", 9093, "default 9093"),
     )
-    return 0
+    DOWN_GRACE = 20.0
+
+    def prepare(self) -> str:
+        return f"Kafka {KAFKA_VERSION} jars: {fetch()}"
+
+    def start(self, ports: Sequence[int], run_dir: Path) -> KafkaServer:
+        return start_kafka(ports[0], ports[1], run_dir / "data")
+
+    def state(self, server: KafkaServer) -> dict[str, object]:
+        return {
+            "bootstrap_servers": server.bootstrap_servers,
+            "port": server.port,
+            "controller_port": server.controller_port,
+        }
+
+    def started(self, server: KafkaServer) -> list[str]:
+        return [
+            f"Kafka {KAFKA_VERSION} is up (pid {server.pid}) at {server.bootstrap_servers}.",
+            f"Log: {server.log_path}",
+        ]
+
+    def where(self, state: Mapping[str, object]) -> str:
+        return f" at {state.get('bootstrap_servers', '?')}"
+
+    def status(self, state: Mapping[str, object]) -> str:
+        port = state.get("port")
+        answers = isinstance(port, int) and _broker_ready(port)
+        return f"{self.where(state)}, {'answering' if answers else 'NOT answering'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,32 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: The arguments after the program name; `sys.argv[1:]` when None.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m deploy.kafka", description="A single-node Kafka on loopback."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="download Kafka into the cache (once)")
-    up = sub.add_parser("up", help="start a broker in the background")
-    up.add_argument("--port", type=int, default=9092, help="client port (default 9092)")
-    up.add_argument("--controller-port", type=int, default=9093, help="default 9093")
-    sub.add_parser("down", help="stop the background broker")
-    sub.add_parser("status", help="tell whether the background broker runs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.command == "fetch":
-            print(f"Kafka {KAFKA_VERSION} jars: {fetch()}")
-            return 0
-        if args.command == "up":
-            return _cmd_up(args.port, args.controller_port)
-        if args.command == "down":
-            return _cmd_down()
-        return _cmd_status()
-    except InfraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return _Cli().main(argv)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

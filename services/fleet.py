@@ -16,20 +16,17 @@ every service on the happy path are members of their consumer groups and serving
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 import anyio
 
+from deploy._proc import Child, stop_all
 from saga import Coordinator, SagaClient, SagaStatus, SagaTimeout, TransportError
 from services.app import sagas
 from services.orders import make_order, submit
@@ -49,36 +46,29 @@ class ProcessExited(RuntimeError):
     """A process of the fleet exited while it was expected to come up."""
 
 
-@dataclass
-class ManagedProcess:
+class ManagedProcess(Child):
     """One process of the fleet and its history.
 
     Attributes:
-        name: ``saga-coordinator`` or the service name.
-        argv: The command line.
-        log_path: Where its stdout and stderr go (appended across restarts).
         exit_codes: The status of every exit the supervisor saw, oldest first.
     """
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
-    exit_codes: list[int] = field(default_factory=list)
-    _log: IO[bytes] | None = None
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str]) -> None:
+        """Describes the process; `Fleet` starts it.
+
+        Args:
+            name: ``saga-coordinator`` or the service name.
+            argv: The command line.
+            log_path: Where its stdout and stderr go (appended across restarts).
+            env: Its environment.
+        """
+        super().__init__(name, argv, log_path, env=env, cwd=_ROOT, banner=True)
+        self.exit_codes: list[int] = []
 
     @property
     def restarts(self) -> int:
         """How often the supervisor brought it back."""
         return len(self.exit_codes)
-
-    def tail(self, lines: int = 30) -> str:
-        """The end of its log, for error messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class Fleet:
@@ -123,6 +113,7 @@ class Fleet:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> Fleet:
+        """Starts the fleet and returns it."""
         self.start()
         return self
 
@@ -132,6 +123,7 @@ class Fleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Stops every process, whatever ended the block."""
         self.stop()
 
     def start(self) -> None:
@@ -157,29 +149,16 @@ class Fleet:
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         with self._lock:
-            running = [p for p in self.processes.values() if p.popen and p.popen.poll() is None]
-            for proc in running:
-                assert proc.popen is not None
-                proc.popen.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.grace
-            for proc in running:
-                assert proc.popen is not None
-                try:
-                    proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.popen.kill()
-                    proc.popen.wait()
-            for proc in self.processes.values():
-                if proc._log is not None:
-                    proc._log.close()
-                    proc._log = None
+            stop_all(self.processes.values(), self.grace)
 
     def kill(self, name: str) -> None:
-        """Kills one process at once (SIGKILL); the supervisor restarts it."""
+        """Kills one process at once (SIGKILL); the supervisor restarts it.
+
+        Args:
+            name: ``saga-coordinator`` or the service name.
+        """
         with self._lock:
-            popen = self.processes[name].popen
-            if popen is not None and popen.poll() is None:
-                popen.kill()
+            self.processes[name].kill()
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -203,26 +182,11 @@ class Fleet:
     def _spawn(self, name: str, args: list[str]) -> None:
         argv = [sys.executable, "-m", "saga", *args, "--prefix", self.prefix]
         argv += ["--bootstrap-servers", self.bootstrap]
-        proc = self.processes.get(name) or ManagedProcess(name, argv, self.log_dir / f"{name}.log")
-        self.processes[name] = proc
-        self._launch(proc)
-
-    def _launch(self, proc: ManagedProcess) -> None:
-        if proc._log is None:
-            proc._log = proc.log_path.open("ab")
-        proc._log.write(f"--- {time.strftime('%H:%M:%S')} starting {proc.name}\n".encode())
-        proc._log.flush()
-        # A session of its own: Ctrl-C in the terminal reaches only the parent, which then
-        # stops the fleet in order instead of every process dying at once.
-        proc.popen = subprocess.Popen(
-            proc.argv,
-            cwd=_ROOT,
-            env=self._env(proc.name),
-            stdin=subprocess.DEVNULL,
-            stdout=proc._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        proc = self.processes.get(name) or ManagedProcess(
+            name, argv, self.log_dir / f"{name}.log", self._env(name)
         )
+        self.processes[name] = proc
+        proc.start()
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
@@ -230,10 +194,10 @@ class Fleet:
                 if self._stopping.is_set():
                     return
                 for proc in self.processes.values():
-                    code = proc.popen.poll() if proc.popen is not None else None
+                    code = proc.poll()
                     if code is not None:
                         proc.exit_codes.append(code)
-                        self._launch(proc)
+                        proc.start()
 
     def check_alive(self) -> None:
         """Raises if a process exited and is not being restarted.
@@ -242,11 +206,11 @@ class Fleet:
             ProcessExited: With the end of its log.
         """
         for proc in self.processes.values():
-            code = proc.popen.poll() if proc.popen is not None else None
+            code = proc.poll()
             if code is not None and not self.supervise:
                 raise ProcessExited(
                     f"{proc.name} exited with status {code}; its log ({proc.log_path}) ends:\n"
-                    f"{proc.tail()}"
+                    f"{proc.tail(30)}"
                 )
 
     # -- readiness ---------------------------------------------------------------------------
@@ -288,5 +252,5 @@ class Fleet:
         raise TimeoutError(
             f"the fleet under prefix {self.prefix!r} did not complete a canary order within "
             f"{timeout:.0f}s; the coordinator's log ({self.processes[COORDINATOR].log_path}) "
-            f"ends:\n{self.processes[COORDINATOR].tail()}"
+            f"ends:\n{self.processes[COORDINATOR].tail(30)}"
         )

@@ -16,23 +16,22 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import orjson
 import pytest
 
+from deploy._proc import Child, stop_all
 from saga import SagaClient, SagaState, TransportError
 from saga.adapters.kafka import KafkaTransport
 from saga.runtime.ports import Topics
@@ -81,102 +80,84 @@ class Recovery:
     """When it was logged (seconds since the epoch)."""
 
 
-@dataclass
-class Proc:
-    """One engine process: its command line, its log, and what happened to it."""
+class Proc(Child):
+    """One engine process: its command line, its log, and what happened to it.
 
-    name: str
-    role: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    restart: bool
-    popen: subprocess.Popen[bytes] | None = None
-    starts: list[float] = field(default_factory=list)
-    exits: list[int] = field(default_factory=list)
-    crashes: int = 0
-    """Planned crashes (exit status `CRASH_EXIT`) seen so far."""
-    _expect_exit: bool = False
-    _stopped: bool = False
-    _log: IO[bytes] | None = None
-    _lock: threading.RLock = field(default_factory=threading.RLock)
+    Attributes:
+        role: ``coordinator`` or ``participant``.
+        restart: Whether the supervisor restarts it when it exits.
+        starts: When each run started (seconds since the epoch), oldest first.
+        exits: The status of every exit the supervisor saw, oldest first.
+        crashes: Planned crashes (exit status `CRASH_EXIT`) seen so far.
+    """
 
-    @property
-    def pid(self) -> int:
-        """The running process's pid."""
-        assert self.popen is not None, f"{self.name} was never started"
-        return self.popen.pid
+    def __init__(
+        self, name: str, role: str, argv: list[str], env: dict[str, str], log_path: Path,
+        restart: bool,
+    ) -> None:  # fmt: skip
+        """Describes the process; `start` runs it.
 
-    @property
-    def alive(self) -> bool:
-        """Whether the process exists (paused or not)."""
-        return self.popen is not None and self.popen.poll() is None
+        Args:
+            name: The process's name in the cluster (and its ``OTEL_SERVICE_NAME``).
+            role: ``coordinator`` or ``participant``.
+            argv: The command line.
+            env: Its environment.
+            log_path: Where its stdout and stderr go (appended across restarts).
+            restart: Whether the supervisor restarts it when it exits.
+        """
+        super().__init__(name, argv, log_path, env=env, cwd=ROOT, banner=True)
+        self.role = role
+        self.restart = restart
+        self.starts: list[float] = []
+        self.exits: list[int] = []
+        self.crashes = 0
+        self._expect_exit = False
+        self._stopped = False
+        self._lock = threading.RLock()
 
     def start(self) -> None:
-        """Starts (or restarts) the process."""
+        """Starts (or restarts) the process; does nothing while it runs."""
         with self._lock:
             if self.alive:
                 return
-            if self._log is None:
-                self._log = self.log_path.open("ab")
-            stamp = time.strftime("%H:%M:%S")
-            self._log.write(f"--- {stamp} starting {self.name}\n".encode())
-            self._log.flush()
             self._expect_exit = False
             self._stopped = False
             self.starts.append(time.time())
-            self.popen = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            super().start()
 
     def kill(self, *, hold: bool = False) -> None:
-        """SIGKILL, as a crash would. The supervisor restarts a participant at once unless
-        ``hold``; a coordinator, or a held participant, stays down until `start`."""
+        """SIGKILL, as a crash would.
+
+        Args:
+            hold: Keep a participant down until `start`; without it the supervisor restarts a
+                participant at once. A coordinator always stays down until `start`.
+        """
         with self._lock:
             if self.alive:
-                assert self.popen is not None
                 self._expect_exit = True
                 self._stopped = hold or not self.restart
-                os.kill(self.popen.pid, signal.SIGCONT)
-                self.popen.kill()
-                self.popen.wait(10)
+                super().kill()
 
     def terminate(self, grace: float = 20.0) -> int | None:
-        """SIGTERM and wait (SIGKILL after ``grace``); it stays down. Returns the status."""
+        """SIGTERM and wait (SIGKILL after ``grace``); it stays down.
+
+        Args:
+            grace: Seconds allowed for a clean shutdown.
+
+        Returns:
+            The exit status, or None when it had to be killed or was not running.
+        """
         with self._lock:
             if not self.alive:
                 return None
-            assert self.popen is not None
             self._expect_exit = True
             self._stopped = True
-            self.popen.send_signal(signal.SIGTERM)
-            os.kill(self.popen.pid, signal.SIGCONT)
-        try:
-            return self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
-            return None
-
-    def pause(self) -> None:
-        """SIGSTOP: the process is frozen; its sockets stay open."""
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT."""
-        os.kill(self.pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        """Closes the log file."""
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+            self.request_stop()
+        # Waited for outside the lock, so that a long shutdown does not block the supervisor.
+        code = self.wait(grace)
+        if code is None:
+            super().kill()
+        return code
 
     def lines(self) -> Iterator[dict[str, Any]]:
         """The JSON log lines written so far (other lines are skipped)."""
@@ -194,13 +175,14 @@ class Proc:
                     line["_proc"] = self.name
                     yield line
 
-    def tail(self, lines: int = 40) -> str:
-        """The end of the log, for failure messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def joined(self) -> bool:
+        """Whether the process's consumer joined its group since its latest start."""
+        since = self.starts[-1] if self.starts else 0.0
+        return any(
+            "Joined group" in str(line.get("msg", ""))
+            and datetime.fromisoformat(str(line["ts"])).timestamp() >= since
+            for line in self.lines()
+        )
 
     def recoveries(self) -> list[Recovery]:
         """The partitions this process recovered, from its log."""
@@ -258,6 +240,11 @@ class Cluster:
         (workdir / "logs").mkdir(exist_ok=True)
         self.ledger = Ledger(self.ledger_path)
         self._closing = threading.Event()
+        self.broker_down = threading.Event()
+        """Set by a test while it has the broker down: participants that exit meanwhile are
+        restarted once it is cleared, as an orchestrator backing off would, rather than into a
+        broker they cannot reach."""
+        self._held: list[Proc] = []
         self._supervisor = threading.Thread(
             target=self._watch, name=f"cluster-{prefix}", daemon=True
         )
@@ -342,34 +329,29 @@ class Cluster:
                             f"{proc.name} exited by itself with status {code}; its log "
                             f"({proc.log_path}) ends:\n{proc.tail()}"
                         )
-                    if proc.restart:
+                    if proc.restart and not self.broker_down.is_set():
                         proc.start()
                     else:
                         proc._stopped = True
+                        if proc.restart:
+                            self._held.append(proc)
+            if self._held and not self.broker_down.is_set():
+                for proc in self._held:
+                    proc.start()
+                self._held.clear()
 
     def close(self, grace: float = 10.0) -> None:
-        """Stops every process (SIGTERM, then SIGKILL after ``grace``). Idempotent."""
+        """Stops every process (SIGTERM, then SIGKILL after ``grace``). Idempotent.
+
+        Args:
+            grace: Seconds allowed for a clean shutdown.
+        """
         self._closing.set()
         running = [p for p in self.procs.values() if p.alive]
         for proc in running:
-            assert proc.popen is not None
             proc._expect_exit = True
             proc._stopped = True
-            try:
-                os.kill(proc.popen.pid, signal.SIGCONT)
-                proc.popen.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        for proc in running:
-            assert proc.popen is not None
-            try:
-                proc.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait(10)
-        for proc in self.procs.values():
-            proc.close()
+        stop_all(running, grace)
         _LIVE.discard(self)
 
     # -- observations ------------------------------------------------------------------------
