@@ -8,11 +8,15 @@ The tree::
     ├── DecodeError              bytes that are not a valid message (goes to the dead-letter topic)
     ├── UnknownSaga              no definition or no state for the name or id asked for
     ├── SagaTimeout              `Coordinator.wait` ran out of time
+    ├── UsageError               the engine was called wrongly (also a ValueError): an invalid
+    │                            saga id, a handler registered twice, a missing transport
     ├── TransportError           the broker could not be reached or refused a write
     │   └── Fenced               a newer coordinator owns the partition; state must be re-read
     └── StepFailed               raised by a participant's handler: a business failure
 
-Retriability is data: `TransportError.retriable` says whether trying again may help.
+Retriability is data: `TransportError.retriable` says whether trying again may help, and the
+loops that retry (the coordinator taking over a partition, a participant riding out an outage)
+read it rather than guessing from the exception's type.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "StepFailed",
     "TransportError",
     "UnknownSaga",
+    "UsageError",
 ]
 
 
@@ -74,6 +79,10 @@ class UnknownSaga(SagaError):
 
 class SagaTimeout(SagaError):
     """A wait for a saga to finish ran out of time; the saga itself goes on."""
+
+
+class UsageError(SagaError, ValueError):
+    """The engine was called wrongly; the message says what to change."""
 
 
 class TransportError(SagaError):

@@ -1,38 +1,22 @@
-"""Saga definitions: steps, their kinds, dependencies and retry policies, and the rules they obey.
+"""Saga definitions: steps, their kinds, dependencies and retry policies, and their loaders.
 
 A definition is checked when it is built (in Python, or from YAML or JSON with the same schema).
 Every broken rule is reported at once, each naming the saga, the step and the rule, so that a
-definition can be fixed in one pass.
-
-The rules, after Richardson's step kinds and Garcia-Molina and Salem's sagas:
-
-- ``unique-names``: no two steps share a name.
-- ``known-dependency``: every dependency names a step of the same saga.
-- ``acyclic``: the dependencies, of every type, form no cycle.
-- ``compensation-required``: a compensatable step has a compensation.
-- ``no-compensation``: a pivot or retriable step has none (a pivot is the point of no return;
-  a retriable step is retried forward, never undone).
-- ``single-pivot``: at most one pivot.
-- ``retriable-after-pivot``: retriable steps need a pivot and cannot be its ancestors.
-- ``compensatable-before-pivot``: a compensatable step cannot come after the pivot.
-- ``pivot-order``: the engine runs every compensatable step before the pivot and every retriable
-  step after it; the declared dependencies must not contradict that order.
-- ``input-reference``: an input template refers only to the saga input, the saga id, or the
-  output of a step that finishes before this one starts.
+definition can be fixed in one pass. The rules themselves, and the wording of their messages,
+are `saga.core.rules`; this module holds the models and the loaders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saga.core import dataflow
 from saga.errors import DefinitionError
 
 __all__ = [
@@ -208,7 +192,11 @@ class SagaDefinition(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> SagaDefinition:
-        problems = list(_problems(self))
+        # Imported here, not at the top: saga.core.rules imports this module for its step kinds
+        # and dependency types, so a top-level import would be a cycle.
+        from saga.core.rules import problems as rule_problems
+
+        problems = list(rule_problems(self))
         if problems:
             raise DefinitionError(self.name, problems)
         return self
@@ -222,6 +210,8 @@ class SagaDefinition(BaseModel):
         Raises:
             DefinitionError: The data does not fit the schema or breaks a rule.
         """
+        from saga.core.rules import describe  # not at the top: see _check_rules
+
         name = str(data.get("name", "?")) if isinstance(data, Mapping) else "?"
         try:
             return cls.model_validate(data)
@@ -230,21 +220,78 @@ class SagaDefinition(BaseModel):
             if any(len(e["loc"]) > 1 and e["loc"][0] == "steps" for e in errors):
                 # Invalid steps leave the tuple short; that is not a problem of its own.
                 errors = [e for e in errors if tuple(e["loc"]) != ("steps",)]
-            raise DefinitionError(name, [_describe(name, data, e) for e in errors]) from None
+            raise DefinitionError(name, [describe(name, data, e) for e in errors]) from None
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> SagaDefinition:
-        """Loads a definition from YAML text or a ``.yaml``/``.yml`` file path."""
+        """Loads a definition from YAML text or from a file.
+
+        ``source`` is read as a file when it is a `pathlib.Path`, or a one-line string ending in
+        ``.yaml``, ``.yml`` or ``.json`` (``SagaDefinition.from_yaml("order.yaml")``); any other
+        string is YAML text. Relative paths are read from the current directory.
+
+        Raises:
+            FileNotFoundError: ``source`` names a file that does not exist.
+            DefinitionError: The data does not fit the schema or breaks a rule.
+            yaml.YAMLError: The text is not YAML.
+        """
         import yaml  # only here: the core stays importable without a YAML parser in hot paths
 
-        text = source.read_text() if isinstance(source, Path) else source
+        path = _as_path(source)
+        text = _read(path) if path is not None else str(source)
         return cls.from_dict(yaml.safe_load(text))
 
     @classmethod
     def from_json(cls, source: str | bytes | Path) -> SagaDefinition:
-        """Loads a definition from JSON text or a ``.json`` file path."""
-        text = source.read_text() if isinstance(source, Path) else source
-        return cls.from_dict(json.loads(text))
+        """Loads a definition from JSON text (or bytes) or from a file.
+
+        ``source`` is read as a file when it is a `pathlib.Path`, or a one-line string ending in
+        ``.json``, ``.yaml`` or ``.yml``; any other string, and bytes, are JSON text.
+
+        Raises:
+            FileNotFoundError: ``source`` names a file that does not exist.
+            DefinitionError: The data does not fit the schema or breaks a rule.
+            json.JSONDecodeError: The text is not JSON.
+        """
+        if isinstance(source, bytes):
+            return cls.from_dict(json.loads(source))
+        path = _as_path(source)
+        return cls.from_dict(json.loads(_read(path) if path is not None else str(source)))
+
+    @classmethod
+    def from_yaml_file(cls, path: str | Path) -> SagaDefinition:
+        """Loads a definition from a YAML file, whatever its name ends in.
+
+        Raises:
+            FileNotFoundError: There is no such file.
+            DefinitionError: The data does not fit the schema or breaks a rule.
+        """
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(_read(Path(path))))
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> SagaDefinition:
+        """Loads a definition from a JSON file, whatever its name ends in.
+
+        Raises:
+            FileNotFoundError: There is no such file.
+            DefinitionError: The data does not fit the schema or breaks a rule.
+        """
+        return cls.from_dict(json.loads(_read(Path(path))))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SagaDefinition:
+        """Loads a definition from a file, as JSON if its name ends in ``.json``, else as YAML.
+
+        Raises:
+            FileNotFoundError: There is no such file.
+            DefinitionError: The data does not fit the schema or breaks a rule.
+        """
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            return cls.from_json_file(path)
+        return cls.from_yaml_file(path)
 
     def to_dict(self) -> dict[str, Any]:
         """The definition as plain data, loadable again by `from_dict`."""
@@ -296,157 +343,26 @@ class SagaDefinition(BaseModel):
         return cached
 
 
-# -- validation ------------------------------------------------------------------------------------
+# -- files -----------------------------------------------------------------------------------------
+
+_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-def _problems(d: SagaDefinition) -> Iterator[str]:
-    where = f"saga {d.name!r}"
-    names = [s.name for s in d.steps]
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            yield f"{where}, step {n!r}: [unique-names] the name is used by more than one step"
-        seen.add(n)
-    known = set(names)
-    edges: dict[str, set[str]] = {n: set() for n in known}
-    for s in d.steps:
-        at = f"{where}, step {s.name!r}"
-        for dep in s.depends_on:
-            if dep.step not in known:
-                yield f"{at}: [known-dependency] depends on {dep.step!r}, which is not a step"
-            elif dep.step == s.name:
-                yield f"{at}: [acyclic] depends on itself"
-            else:
-                edges[dep.step].add(s.name)
-        if s.kind is StepKind.COMPENSATABLE and not s.compensation:
-            yield (
-                f"{at}: [compensation-required] a compensatable step needs a compensation; "
-                "add one, or mark it kind 'pivot' or 'retriable'"
-            )
-        if s.kind is not StepKind.COMPENSATABLE and s.compensation:
-            yield f"{at}: [no-compensation] a {s.kind.value} step cannot have a compensation"
-    cycle = _find_cycle(edges)
-    if cycle:
-        yield f"{where}, step {cycle[0]!r}: [acyclic] dependency cycle {' -> '.join(cycle)}"
-        return  # the remaining rules need a DAG
-
-    pivots = [s.name for s in d.steps if s.kind is StepKind.PIVOT]
-    if len(pivots) > 1:
-        yield f"{where}, steps {pivots}: [single-pivot] a saga has at most one pivot"
-        return
-    pivot = pivots[0] if pivots else None
-    ancestors = _reach(pivot, _reverse(edges)) if pivot else set()
-    descendants = _reach(pivot, edges) if pivot else set()
-    for s in d.steps:
-        at = f"{where}, step {s.name!r}"
-        if s.kind is StepKind.RETRIABLE and pivot is None:
-            yield f"{at}: [retriable-after-pivot] a retriable step needs a pivot before it"
-        elif s.kind is StepKind.RETRIABLE and s.name in ancestors:
-            yield f"{at}: [retriable-after-pivot] comes before the pivot {pivot!r}"
-        if s.kind is StepKind.COMPENSATABLE and s.name in descendants:
-            yield (
-                f"{at}: [compensatable-before-pivot] comes after the pivot {pivot!r}; "
-                "steps after the pivot must be retriable"
-            )
-    if pivot:
-        # The scheduler adds these edges; together with the declared ones they must stay acyclic.
-        implied = {n: set(v) for n, v in edges.items()}
-        for s in d.steps:
-            if s.kind is StepKind.COMPENSATABLE:
-                implied[s.name].add(pivot)
-            elif s.kind is StepKind.RETRIABLE:
-                implied[pivot].add(s.name)
-        cycle = _find_cycle(implied)
-        if cycle:
-            yield (
-                f"{where}, step {cycle[0]!r}: [pivot-order] compensatable steps run before the "
-                f"pivot and retriable steps after it, which the dependencies contradict: "
-                f"{' -> '.join(cycle)}"
-            )
-            return
-    yield from _reference_problems(d, edges)
-
-
-def _reference_problems(d: SagaDefinition, edges: Mapping[str, set[str]]) -> Iterator[str]:
-    fs_edges: dict[str, set[str]] = {s.name: set() for s in d.steps}
-    for s in d.steps:
-        for dep in s.depends_on:
-            if dep.type is DependencyType.FINISH_TO_START and dep.step in fs_edges:
-                fs_edges[dep.step].add(s.name)
-    before = _reverse(fs_edges)
-    for s in d.steps:
-        at = f"saga {d.name!r}, step {s.name!r}"
-        finished_before = _reach(s.name, before) - {s.name}
-        for root, _rest in dataflow.references(s.input):
-            if root in ("input", "saga_id"):
-                continue
-            if not root.startswith("steps."):
-                yield f"{at}: [input-reference] unknown reference root {root!r}"
-                continue
-            source = root.removeprefix("steps.")
-            if source not in edges:
-                yield f"{at}: [input-reference] reads the output of {source!r}, which is not a step"
-            elif source not in finished_before:
-                yield (
-                    f"{at}: [input-reference] reads the output of {source!r} but does not "
-                    "depend on it finish-to-start, so the output may not exist yet"
-                )
-
-
-def _reverse(edges: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
-    rev: dict[str, set[str]] = {n: set() for n in edges}
-    for a, bs in edges.items():
-        for b in bs:
-            rev[b].add(a)
-    return rev
-
-
-def _reach(start: str, edges: Mapping[str, Iterable[str]]) -> set[str]:
-    seen = {start}
-    stack = [start]
-    while stack:
-        for nxt in edges[stack.pop()]:
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return seen - {start}
-
-
-def _find_cycle(edges: Mapping[str, Iterable[str]]) -> list[str] | None:
-    color: dict[str, int] = dict.fromkeys(edges, 0)  # 0 new, 1 on the path, 2 done
-    path: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        color[n] = 1
-        path.append(n)
-        for m in sorted(edges[n]):
-            if color[m] == 1:
-                return [*path[path.index(m) :], m]
-            if color[m] == 0 and (found := visit(m)):
-                return found
-        path.pop()
-        color[n] = 2
-        return None
-
-    for n in sorted(edges):
-        if color[n] == 0 and (found := visit(n)):
-            return found
+def _as_path(source: str | Path) -> Path | None:
+    """The file ``source`` names, or ``None`` when it is definition text."""
+    if isinstance(source, Path):
+        return source
+    name = source.strip()
+    if name and "\n" not in name and name.lower().endswith(_FILE_SUFFIXES):
+        return Path(name)
     return None
 
 
-def _describe(saga: str, data: Any, error: Mapping[str, Any]) -> str:
-    loc: Sequence[Any] = error.get("loc", ())
-    where = f"saga {saga!r}"
-    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-        steps = data.get("steps") if isinstance(data, Mapping) else None
-        name = "?"
-        if (
-            isinstance(steps, Sequence)
-            and loc[1] < len(steps)
-            and isinstance(steps[loc[1]], Mapping)
-        ):
-            name = str(steps[loc[1]].get("name", f"#{loc[1]}"))
-        where += f", step {name!r}"
-        loc = loc[2:]
-    field = ".".join(str(p) for p in loc) or "definition"
-    return f"{where}: [schema] {field}: {error.get('msg', 'invalid')}"
+def _read(path: Path) -> str:
+    if not path.exists():
+        where = path if path.is_absolute() else Path.cwd() / path
+        raise FileNotFoundError(
+            f"no saga definition file {str(path)!r} (looked for {where}); pass an existing "
+            "path, or the definition's text itself"
+        )
+    return path.read_text(encoding="utf-8")

@@ -1,9 +1,12 @@
 """The messages on the wire and in the log: frozen, strict pydantic models.
 
 Every message carries ``v``, its schema version, and a literal ``type`` so that a topic's
-messages form one discriminated union, decoded by one module-level `TypeAdapter`. Unknown fields
-are rejected. Times are seconds since the epoch (floats): they are what the clock port returns,
-cheap to encode, and `saga replay` renders them for people.
+messages form one discriminated union, decoded by one module-level `TypeAdapter`; every adapter
+of the engine is defined here, at the bottom. Events share `EventBase`, and the events about one
+step share `StepEvent` (``step`` and ``attempt``), so readers of the log use attributes that the
+type checker knows instead of probing for them. Unknown fields are rejected. Times are seconds
+since the epoch (floats): they are what the clock port returns, cheap to encode, and
+`saga replay` renders them for people.
 
 Topics and what they hold (see DESIGN section 3):
 
@@ -47,7 +50,9 @@ __all__ = [
     "SagaStarted",
     "SagaStuck",
     "Snapshot",
+    "SnapshotRecord",
     "StartSaga",
+    "StepEvent",
     "StepFailedEvent",
     "StepResolved",
     "StepRetryScheduled",
@@ -55,8 +60,12 @@ __all__ = [
     "StepStuck",
     "StepSucceeded",
     "StepTimedOut",
+    "alert_adapter",
+    "command_adapter",
     "event_adapter",
+    "reply_adapter",
     "request_adapter",
+    "snapshot_adapter",
 ]
 
 SCHEMA_VERSION = 1
@@ -135,9 +144,10 @@ class ResolveSaga(_Message):
     at: float
 
 
-Request = Annotated[StartSaga | CancelSaga | RetrySaga | ResolveSaga, Field(discriminator="type")]
-request_adapter: TypeAdapter[StartSaga | CancelSaga | RetrySaga | ResolveSaga] = TypeAdapter(
-    Request
+Request = StartSaga | CancelSaga | RetrySaga | ResolveSaga
+"""Anything a client sends to the requests topic."""
+request_adapter: TypeAdapter[Request] = TypeAdapter(
+    Annotated[Request, Field(discriminator="type")]
 )
 
 
@@ -188,9 +198,19 @@ class Reply(_Message):
 class EventBase(_Message):
     """Fields every event has. ``seq`` numbers a saga's events from 1 without gaps."""
 
+    type: str
+    """The event's kind; each event class narrows it to its own literal."""
     saga_id: str
     seq: int = Field(ge=1)
     at: float
+
+
+class StepEvent(EventBase):
+    """An event about one step: its action or its compensation, at one attempt."""
+
+    step: str
+    attempt: int
+    """The attempt of the action (or, for compensation events, of the compensation)."""
 
 
 class SagaStarted(EventBase):
@@ -202,91 +222,71 @@ class SagaStarted(EventBase):
     input: JsonObject
     steps: list[str]
     """The definition's step names, all pending."""
-    trace_parent: str | None = None
-    """W3C traceparent of the request that started the saga: every later span joins it."""
 
 
-class StepStarted(EventBase):
+class StepStarted(StepEvent):
     """An attempt of a step's action was sent."""
 
     type: Literal["step_started"] = "step_started"
-    step: str
-    attempt: int
     deadline_at: float
 
 
-class StepSucceeded(EventBase):
+class StepSucceeded(StepEvent):
     """The step's action succeeded with an output."""
 
     type: Literal["step_succeeded"] = "step_succeeded"
-    step: str
-    attempt: int
     output: JsonObject
 
 
-class StepRetryScheduled(EventBase):
+class StepRetryScheduled(StepEvent):
     """An attempt failed technically (or timed out) and another is due at ``retry_at``."""
 
     type: Literal["step_retry_scheduled"] = "step_retry_scheduled"
-    step: str
-    attempt: int
     error: ErrorInfo
     retry_at: float
 
 
-class StepFailedEvent(EventBase):
+class StepFailedEvent(StepEvent):
     """The step failed for good and did not take effect (business failure, retries exhausted,
     input could not be built, or retries abandoned because the saga is compensating)."""
 
     type: Literal["step_failed"] = "step_failed"
-    step: str
-    attempt: int
     error: ErrorInfo
 
 
-class StepTimedOut(EventBase):
+class StepTimedOut(StepEvent):
     """The step's last attempt missed its deadline: its outcome is unknown, so it will be
     compensated (compensations must be safe when the action never happened)."""
 
     type: Literal["step_timed_out"] = "step_timed_out"
-    step: str
-    attempt: int
 
 
-class StepStuck(EventBase):
+class StepStuck(StepEvent):
     """A step cannot go on without an operator: a compensation or a retriable step exhausted
     its policy, or a pivot's outcome is unknown."""
 
     type: Literal["step_stuck"] = "step_stuck"
-    step: str
     phase: Phase
-    attempt: int
     error: ErrorInfo
 
 
-class CompensationStarted(EventBase):
+class CompensationStarted(StepEvent):
     """An attempt of a step's compensation was sent."""
 
     type: Literal["compensation_started"] = "compensation_started"
-    step: str
-    attempt: int
     deadline_at: float
 
 
-class CompensationSucceeded(EventBase):
+class CompensationSucceeded(StepEvent):
     """The step's compensation succeeded: its effect is undone."""
 
     type: Literal["compensation_succeeded"] = "compensation_succeeded"
-    step: str
-    attempt: int
 
 
-class CompensationRetryScheduled(EventBase):
+class CompensationRetryScheduled(StepEvent):
     """A compensation attempt failed and another is due at ``retry_at``."""
 
     type: Literal["compensation_retry_scheduled"] = "compensation_retry_scheduled"
-    step: str
-    attempt: int
     error: ErrorInfo
     retry_at: float
 
@@ -327,19 +327,17 @@ class SagaResumed(EventBase):
     """Whether the saga resumes its compensation (else it resumes going forward)."""
 
 
-class StepResolved(EventBase):
+class StepResolved(StepEvent):
     """An operator declared a step stuck going forward done by hand: it counts as succeeded."""
 
     type: Literal["step_resolved"] = "step_resolved"
-    step: str
     note: str
 
 
-class CompensationResolved(EventBase):
+class CompensationResolved(StepEvent):
     """An operator declared a stuck compensation done by hand: the step counts as compensated."""
 
     type: Literal["compensation_resolved"] = "compensation_resolved"
-    step: str
     note: str
 
 
@@ -403,3 +401,13 @@ class Alert(_Message):
     reason: str
     steps: list[str]
     at: float
+
+
+SnapshotRecord = Annotated[Snapshot | Checkpoint, Field(discriminator="type")]
+"""What the snapshots topic holds: one `Snapshot` per saga and one `Checkpoint` per partition."""
+
+# One adapter per topic's message type, built once (building a TypeAdapter is costly).
+snapshot_adapter: TypeAdapter[Snapshot | Checkpoint] = TypeAdapter(SnapshotRecord)
+command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
+reply_adapter: TypeAdapter[Reply] = TypeAdapter(Reply)
+alert_adapter: TypeAdapter[Alert] = TypeAdapter(Alert)

@@ -57,6 +57,7 @@ from saga.core.messages import (
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    StepEvent,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
@@ -69,8 +70,12 @@ from saga.errors import IllegalTransition
 
 __all__ = [
     "FINAL_STATUSES",
+    "IN_FLIGHT",
     "SAGA_TRANSITIONS",
+    "SETTLED_FOR_UNDO",
     "STEP_TRANSITIONS",
+    "TERMINAL_STATUSES",
+    "UNDO_OWED",
     "SagaState",
     "SagaStatus",
     "StepState",
@@ -104,8 +109,25 @@ class SagaStatus(StrEnum):
     STUCK = "stuck"
 
 
-FINAL_STATUSES = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK})
+TERMINAL_STATUSES = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED})
+"""Statuses a saga never leaves: no event is legal after them."""
+FINAL_STATUSES = TERMINAL_STATUSES | {SagaStatus.STUCK}
 """Statuses in which nothing happens until an operator acts (``stuck``) or ever (the others)."""
+
+IN_FLIGHT = frozenset(
+    {
+        StepStatus.RUNNING,
+        StepStatus.RETRYING,
+        StepStatus.COMPENSATING,
+        StepStatus.COMPENSATION_RETRYING,
+    }
+)
+"""Step statuses with an attempt out or a retry due: the saga cannot end while one has them."""
+UNDO_OWED = frozenset({StepStatus.SUCCEEDED, StepStatus.UNKNOWN})
+"""Step statuses whose action took (or may have taken) effect: compensating must undo them."""
+SETTLED_FOR_UNDO = frozenset({StepStatus.PENDING, StepStatus.FAILED, StepStatus.COMPENSATED})
+"""Step statuses that leave nothing to undo: once a step's dependents all have them, it may be
+compensated."""
 
 S = StepStatus
 STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
@@ -201,7 +223,6 @@ class SagaState(BaseModel):
     finished_at: float | None = None
     reason: str | None = None
     """Why the saga is compensating, compensated or stuck."""
-    trace_parent: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -214,19 +235,18 @@ class SagaState(BaseModel):
 
     def percent_complete(self) -> int:
         """Progress in percent: forward work while running, undo work while compensating."""
-        if self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
+        if self.status in TERMINAL_STATUSES:
             return 100
         total = len(self.steps) or 1
         if self.status is SagaStatus.RUNNING:
             done = sum(s.status is StepStatus.SUCCEEDED for s in self.steps.values())
             return done * 100 // total
-        owed = [s for s in self.steps.values() if s.compensation_attempt or s.status in _UNDO_OWED]
+        owed = [s for s in self.steps.values() if s.compensation_attempt or s.status in UNDO_OWED]
         if not owed:
             return 0
         return sum(s.status is StepStatus.COMPENSATED for s in owed) * 100 // len(owed)
 
 
-_UNDO_OWED = frozenset({StepStatus.SUCCEEDED, StepStatus.UNKNOWN})
 _PENDING = StepState()
 
 
@@ -254,10 +274,9 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
             seq=event.seq,
             started_at=event.at,
             updated_at=event.at,
-            trace_parent=event.trace_parent,
         )
     if state is None:
-        raise IllegalTransition(f"{event.type} for saga {event.saga_id!r}, which has not started")  # type: ignore[attr-defined]
+        raise IllegalTransition(f"{event.type} for saga {event.saga_id!r}, which has not started")
     if event.saga_id != state.saga_id:
         raise IllegalTransition(f"event of saga {event.saga_id!r} applied to {state.saga_id!r}")
     if event.seq != state.seq + 1:
@@ -265,9 +284,8 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
             f"saga {state.saga_id!r}: event seq {event.seq} does not follow {state.seq}"
         )
     changes: dict[str, Any] = {"seq": event.seq, "updated_at": event.at}
-    step_name: str | None = getattr(event, "step", None)
-    if step_name is not None and type(event) in _STEP_EVENT_TYPES:
-        changes["steps"] = {**state.steps, step_name: _evolve_step(state, step_name, event)}
+    if isinstance(event, StepEvent) and type(event) in _STEP_EVENT_TYPES:
+        changes["steps"] = {**state.steps, event.step: _evolve_step(state, event)}
     changes.update(_evolve_saga(state, event))
     return state.model_copy(update=changes)
 
@@ -275,15 +293,15 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
 _STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
 
 
-def _evolve_step(state: SagaState, name: str, event: EventBase) -> StepState:
-    kind = type(event)
+def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
+    kind, name = type(event), event.step
     needed = STEP_EVENTS_NEED.get(kind)
     if needed is not None and state.status is not needed:
         raise IllegalTransition(
             f"saga {state.saga_id!r}, step {name!r}: {kind.__name__} while the saga is "
             f"{state.status.value}"
         )
-    if state.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
+    if state.status in TERMINAL_STATUSES:
         raise IllegalTransition(f"saga {state.saga_id!r} has ended; {kind.__name__} is not legal")
     step = state.steps.get(name)
     if step is None:

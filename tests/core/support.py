@@ -113,6 +113,8 @@ class Driver:
     events: list[EventBase] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
     """Every command sent, in order."""
+    inflight: list[Command] = field(default_factory=list)
+    """The commands sent and not yet delivered: a test pops, drops or duplicates them."""
     alerts: list[Alert] = field(default_factory=list)
     last: Decision | None = None
 
@@ -130,6 +132,7 @@ class Driver:
         self.state = decision.state
         self.events.extend(decision.events)
         self.commands.extend(decision.commands)
+        self.inflight.extend(decision.commands)
         self.alerts.extend(decision.alerts)
         self.last = decision
         return decision

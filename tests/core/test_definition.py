@@ -159,6 +159,78 @@ def test_yaml_and_json_files(tmp_path: Path) -> None:
     assert SagaDefinition.from_json(json.dumps(from_text.to_dict()).encode()) == from_text
 
 
+def test_file_paths_given_as_strings_are_read_as_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's form: `SagaDefinition.from_yaml("order.yaml")`, relative to the cwd.
+    from_text = SagaDefinition.from_yaml(ORDER_YAML)
+    monkeypatch.chdir(tmp_path)
+    Path("order.yaml").write_text(ORDER_YAML)
+    Path("order.yml").write_text(ORDER_YAML)
+    Path("order.json").write_text(json.dumps(from_text.to_dict()))
+    assert SagaDefinition.from_yaml("order.yaml") == from_text
+    assert SagaDefinition.from_yaml("order.yml") == from_text
+    assert SagaDefinition.from_yaml(str(tmp_path / "order.yaml")) == from_text
+    assert SagaDefinition.from_yaml("order.json") == from_text  # JSON is YAML
+    assert SagaDefinition.from_json("order.json") == from_text
+    assert SagaDefinition.from_json(str(tmp_path / "order.json")) == from_text
+
+
+def test_file_loaders_and_load_by_suffix(tmp_path: Path) -> None:
+    from_text = SagaDefinition.from_yaml(ORDER_YAML)
+    (tmp_path / "order.yaml").write_text(ORDER_YAML)
+    (tmp_path / "order.saga").write_text(ORDER_YAML)  # any name: the loader says the format
+    (tmp_path / "order.json").write_text(json.dumps(from_text.to_dict()))
+    assert SagaDefinition.from_yaml_file(tmp_path / "order.yaml") == from_text
+    assert SagaDefinition.from_yaml_file(str(tmp_path / "order.saga")) == from_text
+    assert SagaDefinition.from_json_file(tmp_path / "order.json") == from_text
+    assert SagaDefinition.load(tmp_path / "order.yaml") == from_text
+    assert SagaDefinition.load(str(tmp_path / "order.json")) == from_text
+    assert SagaDefinition.load(tmp_path / "order.saga") == from_text
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda p: SagaDefinition.from_yaml(p),
+        lambda p: SagaDefinition.from_yaml(str(p)),
+        lambda p: SagaDefinition.from_json(p),
+        lambda p: SagaDefinition.from_yaml_file(p),
+        lambda p: SagaDefinition.from_json_file(p),
+        lambda p: SagaDefinition.load(p),
+    ],
+    ids=["yaml-path", "yaml-str", "json-path", "yaml_file", "json_file", "load"],
+)
+def test_a_missing_file_is_named_in_the_error(tmp_path: Path, load: Any) -> None:
+    missing = tmp_path / "nowhere" / "order.yaml"
+    with pytest.raises(FileNotFoundError) as caught:
+        load(missing)
+    message = str(caught.value)
+    assert "no saga definition file" in message
+    assert str(missing) in message
+    assert "Input should be a valid dictionary" not in message
+
+
+def test_a_missing_relative_file_says_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"order\.json") as caught:
+        SagaDefinition.from_json("order.json")
+    assert str(tmp_path / "order.json") in str(caught.value)
+
+
+def test_text_is_still_text() -> None:
+    # Multi-line text, or text not ending in a file suffix, is never taken for a path.
+    one_line = "{name: one, steps: [{name: a, service: s, action: x, kind: pivot}]}"
+    assert SagaDefinition.from_yaml(one_line).name == "one"
+    mentions_a_file = ORDER_YAML + "# see order.yaml\n"
+    assert SagaDefinition.from_yaml(mentions_a_file) == SagaDefinition.from_yaml(ORDER_YAML)
+    as_json = json.dumps(SagaDefinition.from_yaml(one_line).to_dict())
+    assert SagaDefinition.from_json(as_json).name == "one"
+    assert SagaDefinition.from_json(as_json.encode()).name == "one"
+
+
 def test_json_text_definition() -> None:
     text = json.dumps(_data(_s("a"), _s("b", depends_on=["a:sf"])))
     d = SagaDefinition.from_json(text)

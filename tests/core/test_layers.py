@@ -92,3 +92,31 @@ def test_importing_the_core_loads_no_io_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_participant_does_not_import_the_coordinator() -> None:
+    # A service process loads the participant only: the coordinator's machinery stays out of it.
+    found = imports(SAGA / "runtime" / "participant.py")
+    for module in ("saga.runtime.coordinator", "saga.runtime.partition"):
+        assert module not in found, f"runtime/participant.py imports {module}"
+    code = (
+        "import sys, saga.runtime.participant; "
+        "bad = [m for m in ('saga.runtime.coordinator', 'saga.runtime.partition') "
+        "if m in sys.modules]; print(','.join(bad))"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_trace_context_crosses_the_wire_only_through_the_observer() -> None:
+    # The core decides without trace context, and the runtime's coordinator, participant and
+    # client neither read nor write a trace header: the observer port does both (observe.py).
+    allowed = {"adapters/tracing.py", "runtime/traceids.py"}
+    users = {
+        p.relative_to(SAGA).as_posix()
+        for p in SAGA.rglob("*.py")
+        if "traceparent" in p.read_text() or "trace_parent" in p.read_text()
+    }
+    assert users <= allowed, f"trace context handled outside the observer: {users - allowed}"

@@ -3,8 +3,8 @@
 For every random valid DAG definition and every random schedule of replies (successes,
 business and technical failures, duplicates, stale replies, lost commands, clock jumps):
 every saga terminates; every executed trace is legal; each decision's state is the fold of its
-events (checked inside the simulator); and random defects make definitions invalid with the
-right rule.
+events, and decide is pure (both checked inside `tests.core.support.Driver`); and random
+defects make definitions invalid with the right rule.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from saga.core.messages import (
 )
 from saga.core.state import SagaStatus, StepStatus
 from saga.errors import DefinitionError
-from tests.core.sim import Sim
+from tests.core.support import Driver
 
 TYPES = list(DependencyType)
 
@@ -66,45 +66,49 @@ def definitions(draw: st.DrawFn) -> SagaDefinition:
     return SagaDefinition(name="random", steps=steps)
 
 
-def run(sim: Sim, data: st.DataObject, budget: int = 120) -> None:
+OUTCOMES = {"ok": "ok", "dup": "ok", "biz": "business", "tech": "technical"}
+
+
+def run(drv: Driver, data: st.DataObject, budget: int = 120) -> None:
     """A random schedule, then a fair one (everything delivered, successes), to the end."""
     for _ in range(budget):
-        assert sim.state is not None
-        if sim.state.is_final:
+        assert drv.state is not None
+        if drv.state.is_final:
             return
         move = data.draw(st.sampled_from(["ok", "ok", "ok", "biz", "tech", "dup", "lose", "tick"]))
-        if move == "tick" or not sim.inflight:
-            if sim.state.is_final:
+        if move == "tick" or not drv.inflight:
+            if drv.state.is_final:
                 return
-            sim.tick()
+            drv.tick_due()
             continue
-        command = sim.inflight.pop(data.draw(st.integers(0, len(sim.inflight) - 1)))
+        command = drv.inflight.pop(data.draw(st.integers(0, len(drv.inflight) - 1)))
         if move == "lose":
             continue
         if move == "dup":
-            sim.inflight.append(command)
-        sim.reply(command, ok=move in ("ok", "dup"), business=move == "biz")
+            drv.inflight.append(command)
+        drv.reply(command, OUTCOMES[move])
     for _ in range(400):
-        assert sim.state is not None
-        if sim.state.is_final:
+        assert drv.state is not None
+        if drv.state.is_final:
             return
-        if sim.inflight:
-            sim.reply(sim.inflight.pop(0))
+        if drv.inflight:
+            drv.reply(drv.inflight.pop(0))
         else:
-            sim.tick()
-    raise AssertionError(f"saga did not end: {sim.state}")
+            drv.tick_due()
+    raise AssertionError(f"saga did not end: {drv.state}")
 
 
-def check_legal(sim: Sim) -> None:
-    state = sim.state
+def check_legal(drv: Driver) -> None:
+    state = drv.state
     assert state is not None
-    d = sim.d
-    order = {id(e): i for i, e in enumerate(sim.events)}
-    undo_start = {e.step: order[id(e)] for e in sim.events if isinstance(e, CompensationStarted)}
-    undo_end = {e.step: order[id(e)] for e in sim.events if isinstance(e, CompensationSucceeded)}
-    undo_done = {step: i for i, (kind, step) in enumerate(sim.history()) if kind == "C"}
-    started = {e.step for e in sim.events if isinstance(e, StepStarted)}
-    succeeded = {e.step for e in sim.events if isinstance(e, StepSucceeded)}
+    d = drv.definition
+    order = {id(e): i for i, e in enumerate(drv.events)}
+    undo_start = {e.step: order[id(e)] for e in drv.events if isinstance(e, CompensationStarted)}
+    undo_end = {e.step: order[id(e)] for e in drv.events if isinstance(e, CompensationSucceeded)}
+    history = [tuple(entry.split(":", 1)) for entry in drv.trace()]
+    undo_done = {step: i for i, (kind, step) in enumerate(history) if kind == "C"}
+    started = {e.step for e in drv.events if isinstance(e, StepStarted)}
+    succeeded = {e.step for e in drv.events if isinstance(e, StepSucceeded)}
 
     # Compensations only for steps that started, only for compensatable steps.
     for step in undo_start:
@@ -115,12 +119,12 @@ def check_legal(sim: Sim) -> None:
     if pivot and pivot in succeeded:
         assert not undo_start
     # No action is sent for a step after its compensation started.
-    for e in sim.events:
+    for e in drv.events:
         if isinstance(e, StepStarted) and e.step in undo_start:
             assert order[id(e)] < undo_start[e.step]
     # Reverse happens-before: a step's undo starts only after every dependent that started was
     # undone (its compensation succeeded) or failed without effect.
-    failed = {e.step: order[id(e)] for e in sim.events if isinstance(e, StepFailedEvent)}
+    failed = {e.step: order[id(e)] for e in drv.events if isinstance(e, StepFailedEvent)}
     for step, at in undo_start.items():
         for dependent, _ in d.dependents(step):
             if dependent in started:
@@ -137,7 +141,6 @@ def check_legal(sim: Sim) -> None:
             assert step in undo_done
     # For a pure chain the trace is T1..Tj Cj..C1 (Garcia-Molina and Salem).
     if is_chain(d) and state.status is not SagaStatus.STUCK:
-        history = sim.history()
         forward = [s for k, s in history if k == "T"]
         backward = [s for k, s in history if k == "C"]
         assert [k for k, _ in history] == ["T"] * len(forward) + ["C"] * len(backward)
@@ -166,10 +169,10 @@ SETTINGS = settings(
 @SETTINGS
 @given(definitions(), st.data())
 def test_every_saga_terminates_with_a_legal_trace(d: SagaDefinition, data: st.DataObject) -> None:
-    sim = Sim(d)
-    sim.start({"k": 1})
-    run(sim, data)
-    check_legal(sim)
+    drv = Driver(d)
+    drv.start({"k": 1})
+    run(drv, data)
+    check_legal(drv)
 
 
 @settings(max_examples=150, deadline=None)
@@ -186,13 +189,13 @@ def test_chains_follow_garcia_molina_and_salem(n: int, data: st.DataObject) -> N
         )
         for i in range(n)
     ]
-    sim = Sim(SagaDefinition(name="chain", steps=steps))
-    sim.start()
-    run(sim, data)
-    check_legal(sim)
-    assert sim.state is not None
-    assert sim.state.status is not SagaStatus.STUCK or any(
-        s.stuck_phase == "compensation" for s in sim.state.steps.values()
+    drv = Driver(SagaDefinition(name="chain", steps=steps))
+    drv.start({})
+    run(drv, data)
+    check_legal(drv)
+    assert drv.state is not None
+    assert drv.state.status is not SagaStatus.STUCK or any(
+        s.stuck_phase == "compensation" for s in drv.state.steps.values()
     )
 
 

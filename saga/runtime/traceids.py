@@ -3,8 +3,9 @@
 One saga is one trace whose id is a hash of the saga id: it survives coordinator restarts and
 long waits, and every process computes it alike. A command's span id is a hash of the saga id,
 step, phase and attempt, so its ``traceparent`` can be written with the command before the span
-is exported, and a compensation can link to the forward step it undoes. Hashing (not the clock
-or a random source) keeps this in the pure core.
+is exported, and a compensation can link to the forward step it undoes. These are plain
+functions of no tracing library, so log lines and views can compute the same ids; they live in
+the runtime, not the core, because no decision of the core depends on trace context.
 """
 
 from __future__ import annotations
