@@ -10,6 +10,7 @@ Prints one JSON object per run and the ratio between them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -36,10 +37,10 @@ DEFINITION = SagaDefinition(
 )
 
 
-def participants(prefix: str, observer: Observer) -> list[Participant]:
+def participants() -> list[Participant]:
     found = []
     for service in ("s1", "s2", "s3", "s4"):
-        p = Participant(service, prefix=prefix, observer=observer)
+        p = Participant(service)
 
         @p.handler("do")
         async def do(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
@@ -59,12 +60,11 @@ async def one_run(bootstrap: str, sagas: int, window: int, observer: Observer) -
     transport = KafkaTransport(bootstrap)
     coordinator = Coordinator([DEFINITION], transport=transport, prefix=prefix, observer=observer)
     async with coordinator:
-        services = participants(prefix, observer)
-        for p in services:
-            p.transport = transport
+        services = participants()
         async with anyio.create_task_group() as tg:
             for p in services:
-                await tg.start(p.run)
+                run = functools.partial(p.run, transport, prefix=prefix, observer=observer)
+                await tg.start(run)
             # Warm up: topics, group joins and metadata are not what we measure.
             warm = await coordinator.start("bench", {})
             await coordinator.wait(warm, 60)

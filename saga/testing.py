@@ -13,16 +13,24 @@ Example::
 The coordinator and participants are the real ones; only the broker (`MemoryBroker`) and the
 clock (`VirtualClock`) are substitutes. Time stands still until the harness advances it, so
 retry backoffs and step deadlines of minutes take no real time: `run_until_done` advances the
-clock to the next deadline or retry whenever nothing else is happening.
+clock to the next deadline or retry whenever nothing else is happening (and no handler is
+running).
+
+The harness reaches the participants through their public hooks only: it runs each one with
+``participant.run(transport, clock=...)`` and observes and injects faults with an interceptor
+(`saga.Participant.intercept`) that it removes on exit, so participants declared once at module
+level can be used by one harness after another, and a `SagaHarness.fail` of one test never
+reaches the next. Plain (sync) handlers run in a worker thread, as they do in production.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextvars
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -36,9 +44,24 @@ from saga.core.messages import Alert, EventBase, event_adapter
 from saga.core.state import SagaState
 from saga.errors import SagaTimeout, StepFailed
 from saga.runtime.coordinator import Coordinator
-from saga.runtime.participant import Participant, StepContext, _Registered
+from saga.runtime.observe import Observer
+from saga.runtime.participant import (
+    CallNext,
+    HandlerResult,
+    Interception,
+    Interceptor,
+    Participant,
+    StepContext,
+)
+from saga.runtime.ports import Outgoing
 
 __all__ = ["SagaHarness", "VirtualClock"]
+
+# The harness whose tasks are running: its interceptors act only on its own participants' runs,
+# so that two harnesses over the same participants (one after the other, or at once) stay apart.
+_current: contextvars.ContextVar[SagaHarness | None] = contextvars.ContextVar(
+    "saga_testing_harness", default=None
+)
 
 
 class VirtualClock:
@@ -46,11 +69,19 @@ class VirtualClock:
 
     Args:
         start: The initial time, in seconds since the epoch.
+        on_advance: Called after each `advance`, to wake whoever waits on something other than
+            this clock (`SagaHarness` passes `MemoryBroker.wake`, so that pollers look at their
+            timers again).
     """
 
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
+    def __init__(
+        self,
+        start: float = 1_700_000_000.0,
+        *,
+        on_advance: Callable[[], object] | None = None,
+    ) -> None:
         self._now = start
-        self._broker: MemoryBroker | None = None
+        self._on_advance = on_advance
         self._sleepers: list[tuple[float, anyio.Event]] = []
 
     def now(self) -> float:
@@ -70,15 +101,22 @@ class VirtualClock:
             wake.set()
 
     def advance(self, seconds: float) -> None:
-        """Moves time forward and wakes whoever waits on the broker."""
+        """Moves time forward, wakes the sleepers now due, and calls ``on_advance``."""
         self._now += seconds
         self._wake_due()
-        if self._broker is not None:
-            self._broker.append([])  # a no-op write that wakes pollers
+        if self._on_advance is not None:
+            self._on_advance()
 
 
-async def _host(run: Any, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
-    # Each component runs in its own cancel scope so that one can be stopped alone.
+async def _host(
+    run: Callable[..., Coroutine[Any, Any, None]],
+    harness: SagaHarness,
+    *,
+    task_status: TaskStatus[anyio.CancelScope],
+) -> None:
+    # Each component runs in its own cancel scope so that one can be stopped alone, and with
+    # the harness as its context, which the tasks it spawns inherit.
+    _current.set(harness)
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
             await tg.start(run)
@@ -99,6 +137,7 @@ class SagaHarness:
         definitions: The sagas to run.
         participants: The services' participants (their handlers are called for real).
         partitions: Partitions of the in-memory topics.
+        observer: Given to the coordinator and to every participant (tracing, metrics).
     """
 
     def __init__(
@@ -107,40 +146,59 @@ class SagaHarness:
         participants: Sequence[Participant],
         *,
         partitions: int = 3,
+        observer: Observer | None = None,
     ) -> None:
-        self.clock = VirtualClock()
         self.broker = MemoryBroker(default_partitions=partitions)
-        self.clock._broker = self.broker
+        self.clock = VirtualClock(on_advance=self.broker.wake)
         self.transport = MemoryTransport(self.broker)
+        self.partitions = partitions
+        self.observer = observer
         self.alerts: list[Alert] = []
         self._calls: dict[str, list[str]] = defaultdict(list)
         self._faults: dict[tuple[str, str], _Fault] = {}
-        self.coordinator = Coordinator(
-            definitions,
-            transport=self.transport,
-            partitions=partitions,
-            clock=self.clock,
-            alert_hooks=[self._on_alert],
-        )
+        self._drops: dict[str, int] = defaultdict(int)
+        self._running = 0
+        self.coordinator = self._new_coordinator(definitions)
         self.participants = list(participants)
         self._stack = AsyncExitStack()
+
+    def _new_coordinator(self, definitions: Iterable[SagaDefinition]) -> Coordinator:
+        return Coordinator(
+            definitions,
+            transport=self.transport,
+            partitions=self.partitions,
+            clock=self.clock,
+            alert_hooks=[self._on_alert],
+            observer=self.observer,
+        )
 
     async def _on_alert(self, alert: Alert) -> None:
         self.alerts.append(alert)
 
     async def __aenter__(self) -> SagaHarness:
-        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
-        self._stack.callback(self._tg.cancel_scope.cancel)
+        stack = self._stack
         try:
-            self._coordinator_scope = await self._tg.start(_host, self.coordinator.run)
+            # Undone last (after the tasks stopped): the interceptors and the broker's filter.
+            self.broker.append_filters.append(self._keep)
+            stack.callback(self.broker.append_filters.remove, self._keep)
+            interceptions: list[Interception] = []
             for p in self.participants:
-                p.transport = self.transport
-                p.clock = self.clock
-                for action, registered in list(p._handlers.items()):
-                    p._handlers[action] = self._instrument(p.service, action, registered)
-                await self._tg.start(_host, p.run)
+                interceptions.append(p.intercept(self._interceptor(p.service)))
+                stack.callback(interceptions[-1].remove)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._tg.cancel_scope.cancel)
+            self._coordinator_scope = await self._tg.start(_host, self.coordinator.run, self)
+            for p in self.participants:
+                run = partial(
+                    p.run,
+                    self.transport,
+                    partitions=self.partitions,
+                    observer=self.observer,
+                    clock=self.clock,
+                )
+                await self._tg.start(_host, run, self)
         except BaseException:
-            await self._stack.aclose()
+            await stack.aclose()
             raise
         return self
 
@@ -152,32 +210,37 @@ class SagaHarness:
         transaction) and starts a new one, which recovers from the snapshots and the log."""
         self._coordinator_scope.cancel()
         await anyio.sleep(0.01)  # lets the old one leave the group
-        self.coordinator = Coordinator(
-            self.coordinator._latest.values(),
-            transport=self.transport,
-            partitions=self.coordinator.partition_count,
-            clock=self.clock,
-            alert_hooks=[self._on_alert],
-            observer=self.coordinator.observer,
-        )
-        self._coordinator_scope = await self._tg.start(_host, self.coordinator.run)
+        self.coordinator = self._new_coordinator(self.coordinator.catalog.all())
+        self._coordinator_scope = await self._tg.start(_host, self.coordinator.run, self)
 
-    def _instrument(self, service: str, action: str, inner: _Registered) -> _Registered:
-        async def wrapped(payload: dict[str, Any], ctx: StepContext) -> Any:
-            self._calls[service].append(action)
-            fault = self._faults.get((service, action))
-            if fault is not None and fault.remaining != 0:
-                if fault.remaining is not None:
-                    fault.remaining -= 1
-                if fault.business:
-                    raise StepFailed(fault.message)
-                raise RuntimeError(fault.message)
-            if inner.is_async:
-                return await inner.fn(payload, ctx)  # type: ignore[misc]
-            result = inner.fn(payload, ctx)
-            return await result if inspect.isawaitable(result) else result
+    def _interceptor(self, service: str) -> Interceptor:
+        async def intercept(
+            payload: dict[str, Any], ctx: StepContext, call_next: CallNext
+        ) -> HandlerResult:
+            if _current.get() is not self:
+                return await call_next(payload, ctx)  # another harness's run
+            self._calls[service].append(ctx.action)
+            self._running += 1
+            try:
+                fault = self._faults.get((service, ctx.action))
+                if fault is not None and fault.remaining != 0:
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                    if fault.business:
+                        raise StepFailed(fault.message)
+                    raise RuntimeError(fault.message)
+                return await call_next(payload, ctx)
+            finally:
+                self._running -= 1
 
-        return _Registered(wrapped, inner.input_model, True)
+        return intercept
+
+    def _keep(self, record: Outgoing) -> bool:
+        for service, count in self._drops.items():
+            if count and record.topic == self.coordinator.topics.commands(service):
+                self._drops[service] = count - 1
+                return False
+        return True
 
     # -- faults and observations -------------------------------------------------------------
 
@@ -185,6 +248,8 @@ class SagaHarness:
         self, service: str, action: str, *, times: int | None = None, business: bool = False
     ) -> None:
         """Makes a handler fail: a business failure, or a technical one (retried by policy).
+
+        The fault lasts as long as this harness: the participant is left as it was on exit.
 
         Args:
             service: The participant's service name.
@@ -198,24 +263,7 @@ class SagaHarness:
     def drop_commands(self, service: str, count: int = 1) -> None:
         """Loses the next ``count`` commands to ``service`` before they are handled (a lost
         message: the step's deadline, then its retry policy, must recover)."""
-        self._faults[(service, "*drop*")] = _Fault(False, count, "dropped")
-        topic = self.coordinator.topics.commands(service)
-        original = self.broker.append
-
-        def append(records: Any) -> list[int]:
-            fault = self._faults.get((service, "*drop*"))
-            kept, dropped = [], set()
-            for i, r in enumerate(records):
-                if r.topic == topic and fault is not None and fault.remaining:
-                    fault.remaining -= 1
-                    dropped.add(i)
-                else:
-                    kept.append(r)
-            offsets = iter(original(kept))
-            # A lost record has no offset; -1 keeps positions aligned for the caller.
-            return [-1 if i in dropped else next(offsets) for i in range(len(records))]
-
-        self.broker.append = append  # type: ignore[method-assign]
+        self._drops[service] += count
 
     def calls(self, service: str) -> list[str]:
         """The handler names called on ``service``, in order."""
@@ -240,14 +288,34 @@ class SagaHarness:
         """Starts a saga and returns its id."""
         return await self.coordinator.start(name, input, saga_id)
 
+    async def cancel(self, saga_id: str, reason: str = "cancelled by request") -> int:
+        """Asks for the saga to be cancelled; returns its ``seq`` for ``run_until_done(after=)``."""
+        return await self.coordinator.cancel(saga_id, reason)
+
+    async def retry(self, saga_id: str) -> int:
+        """Re-drives a stuck saga; returns its ``seq`` for ``run_until_done(after=)``."""
+        return await self.coordinator.retry(saga_id)
+
+    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> int:
+        """Declares a stuck saga's stuck steps handled; returns its ``seq`` for
+        ``run_until_done(after=)``."""
+        return await self.coordinator.resolve(saga_id, note)
+
     async def status(self, saga_id: str) -> SagaState | None:
         """The saga's current state."""
         return await self.coordinator.status(saga_id)
 
     async def run_until_done(
-        self, saga_id: str, *, max_virtual_seconds: float = 86_400
+        self, saga_id: str, *, after: int = 0, max_virtual_seconds: float = 86_400
     ) -> SagaState:
         """Runs until the saga ends, advancing virtual time whenever nothing else happens.
+
+        Args:
+            saga_id: The saga.
+            after: Only a final state with a ``seq`` past this counts: pass what `retry`,
+                `resolve` or `cancel` returned to run until what the request led to (a stuck
+                saga is final, so without it the old stuck state is returned at once).
+            max_virtual_seconds: How far virtual time may move at most.
 
         Raises:
             SagaTimeout: It did not end within ``max_virtual_seconds`` of virtual time, or it
@@ -257,21 +325,26 @@ class SagaHarness:
         idle_rounds = 0
         while True:
             state = await self.coordinator.status(saga_id)
-            if state is not None and state.is_final:
+            if state is not None and state.is_final and state.seq > after:
                 return state
-            before = sum(len(p) for parts in self.broker.topics.values() for p in parts)
+            before = self._written()
             await self.broker.wait_for_change(0.02)
             await anyio.sleep(0.005)
-            after = sum(len(p) for parts in self.broker.topics.values() for p in parts)
-            if after != before:
-                idle_rounds = 0
+            if self._written() != before or self._running:
+                idle_rounds = 0  # something happened, or a handler is still at work
                 continue
             idle_rounds += 1
             if idle_rounds < 3:
                 continue
-            due = next_due(state) if state is not None else None
+            # A final saga has no timers: only a request (a retry, a resolve) moves it on.
+            due = next_due(state) if state is not None and not state.is_final else None
             if due is None or due > limit:
                 where = state.status.value if state else "not started"
+                if state is not None and state.is_final:
+                    where += f" at seq {state.seq}, not past {after}"
                 raise SagaTimeout(f"saga {saga_id!r} is {where} and nothing more is due")
             self.clock.advance(max(0.0, due - self.clock.now()) + 0.001)
             idle_rounds = 0
+
+    def _written(self) -> int:
+        return sum(len(p) for parts in self.broker.topics.values() for p in parts)

@@ -66,11 +66,15 @@ class KafkaTransport:
     async def ensure_topics(
         self, names: Sequence[str], partitions: int, compacted: Sequence[str] = ()
     ) -> None:
-        """Creates missing topics (replication factor 1 on a single broker, else 3 at most)."""
+        """Creates missing topics (replication factor 1 on a single broker, else 3 at most).
+
+        Raises:
+            TransportError: The broker could not be reached or refused (whatever failed).
+        """
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
-        with anyio.fail_after(self.deadline):
-            await admin.start()
         try:
+            with anyio.fail_after(self.deadline):
+                await admin.start()
             with anyio.fail_after(self.deadline):
                 existing = set(await admin.list_topics())
                 brokers = len((await admin.describe_cluster())["brokers"])
@@ -89,10 +93,15 @@ class KafkaTransport:
                     # Another process may create them first: the outcome is the same.
                     with contextlib.suppress(TopicAlreadyExistsError):
                         await admin.create_topics(wanted)
-        except TimeoutError as exc:
-            raise TransportError(f"could not create topics at {self.bootstrap_servers}") from exc
+        except Exception as exc:
+            # Not only TimeoutError: the admin client's start raises KafkaError, OSError, and
+            # during a broker restart whatever aiokafka meets. The callers retry on this one.
+            raise TransportError(
+                f"could not create topics at {self.bootstrap_servers}: {exc!r}"
+            ) from exc
         finally:
-            await admin.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await _close_quietly(admin)
 
     async def partitions(self, topic: str) -> int:
         """The number of partitions of ``topic`` (cached: partition counts do not shrink)."""
@@ -391,6 +400,13 @@ async def _stop_quietly(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
         await client.stop()
     except Exception as exc:  # it failed to start; stopping is only tidying up
         log.debug("stopping a client that failed to start also failed: %r", exc)
+
+
+async def _close_quietly(admin: AIOKafkaAdminClient) -> None:
+    try:
+        await admin.close()
+    except Exception as exc:  # the original error, if any, is the one worth raising
+        log.debug("closing an admin client also failed: %r", exc)
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

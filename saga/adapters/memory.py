@@ -7,14 +7,15 @@ at commit, with its offsets); and fencing of an older transactional producer by 
 It is used by `saga.testing` and by fast tests; it is not a way around Kafka for the engine's
 own integration tests.
 
-Faults can be injected with `MemoryBroker.fail_next_commits` (the next transactions abort).
+Faults can be injected with `MemoryBroker.fail_next_commits` (the next transactions abort) and
+`MemoryBroker.append_filters` (records lost on their way in).
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -44,6 +45,9 @@ class MemoryBroker:
         self.epochs: dict[str, int] = {}
         self.fail_next_commits = 0
         """Fault injection: this many upcoming transactions abort with a TransportError."""
+        self.append_filters: list[Callable[[Outgoing], bool]] = []
+        """Fault injection: a record that any of these returns false for is lost on its way in
+        (not written, offset -1); add one to lose messages, remove it to stop."""
         self._changed = anyio.Event()
 
     # -- topics ------------------------------------------------------------------------------
@@ -55,10 +59,17 @@ class MemoryBroker:
         return self.topics[topic]
 
     def append(self, records: Sequence[Outgoing]) -> list[int]:
-        """Appends records atomically and wakes readers; returns their offsets."""
+        """Appends records atomically and wakes readers; returns their offsets.
+
+        A record refused by one of `append_filters` is not written; its offset is -1.
+        """
         offsets = []
         now = time.time()
+        filters = list(self.append_filters)
         for r in records:
+            if not all(keep(r) for keep in filters):
+                offsets.append(-1)
+                continue
             parts = self.ensure(r.topic)
             p = r.partition if r.partition is not None else _partition(r.key, len(parts))
             log = parts[p]
@@ -72,6 +83,11 @@ class MemoryBroker:
         parts = self.topics.get(topic, [])
         chosen = parts if partition is None else [parts[partition]]
         return [r for log in chosen for r in log]
+
+    def wake(self) -> None:
+        """Wakes whoever waits for a change (pollers, `wait_for_change`) without writing: for a
+        virtual clock that moved, so that pollers look at their timers again."""
+        self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

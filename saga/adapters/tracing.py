@@ -1,6 +1,6 @@
 """OpenTelemetry traces and metrics for the runtime. The only module that imports opentelemetry.
 
-Traces. Each saga is one trace (its id derived from the saga id, `saga.core.ids`):
+Traces. Each saga is one trace (its id derived from the saga id, `saga.runtime.traceids`):
 
 - ``saga <name>``: the root, recorded when the saga starts, linked to the trace of the request
   that started it (a client starting forty sagas in one request keeps forty traces);
@@ -53,7 +53,6 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from saga.core.ids import command_span_id, root_span_id, trace_id_for
 from saga.core.messages import (
     Command,
     CompensationRetryScheduled,
@@ -65,10 +64,13 @@ from saga.core.messages import (
     SagaStuck,
     StepFailedEvent,
     StepRetryScheduled,
+    StepStuck,
     StepSucceeded,
     StepTimedOut,
 )
-from saga.runtime.observe import Committed, Handling
+from saga.runtime.observe import Committed, Handling, Outbound
+from saga.runtime.ports import Headers
+from saga.runtime.traceids import command_span_id, root_span_id, trace_id_for
 
 __all__ = ["DeterministicIds", "OpenTelemetryObserver"]
 
@@ -76,11 +78,12 @@ _forced: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.Con
     "saga_forced_ids", default=(None, None)
 )
 _propagator = TraceContextTextMapPropagator()
+_TRACE_HEADERS = frozenset(_propagator.fields)
 _ENDINGS = {SagaCompleted: "completed", SagaCompensated: "compensated", SagaStuck: "stuck"}
 
 
 class DeterministicIds(IdGenerator):
-    """Random ids, except where the saga engine asks for a derived one (see `saga.core.ids`)."""
+    """Random ids, except where the engine asks for a derived one (`saga.runtime.traceids`)."""
 
     def __init__(self) -> None:
         self._random = RandomIdGenerator()
@@ -112,13 +115,20 @@ def _remote(trace_id: int, span_id: int) -> otel_context.Context:
     return trace.set_span_in_context(trace.NonRecordingSpan(parent))
 
 
-def _link_to(traceparent: str | None) -> list[Link]:
-    if not traceparent:
+def _link_to(headers: Headers) -> list[Link]:
+    """A link to the span that the ``traceparent`` among ``headers`` names, if any."""
+    carrier = {k: v.decode(errors="replace") for k, v in headers if k in _TRACE_HEADERS}
+    if not carrier:
         return []
-    ctx = trace.get_current_span(
-        _propagator.extract({"traceparent": traceparent})
-    ).get_span_context()
+    ctx = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
     return [Link(ctx)] if ctx.is_valid else []
+
+
+def _inject(context: otel_context.Context | None = None) -> Headers:
+    """The W3C trace headers of ``context`` (the current one by default)."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context)
+    return tuple((k, v.encode()) for k, v in carrier.items())
 
 
 class _SpanHandling:
@@ -137,11 +147,6 @@ class _SpanHandling:
             if not error.business:
                 self.span.set_status(Status(StatusCode.ERROR, error.message[:200]))
         self.record(kind, time.monotonic() - self.started)
-
-    def traceparent(self) -> str | None:
-        carrier: dict[str, str] = {}
-        _propagator.inject(carrier, trace.set_span_in_context(self.span))
-        return carrier.get("traceparent")
 
 
 class OpenTelemetryObserver:
@@ -232,9 +237,25 @@ class OpenTelemetryObserver:
             if item.decision.state is not None:
                 self._decision(item, committed_at)
 
+    def headers(self, message: Outbound) -> Headers:
+        """Trace context for an outgoing message.
+
+        A command carries its own send span (its id is derived, so it is known before the span
+        is exported); a reply or a request carries the current span: the handling span for a
+        reply, and for a request whatever span the caller is in, to which the saga then links.
+        """
+        if isinstance(message, Command):
+            span = command_span_id(message.saga_id, message.step, message.phase, message.attempt)
+            return _inject(_remote(trace_id_for(message.saga_id), span))
+        return _inject()
+
     @contextmanager
-    def handling(self, service: str, command: Command) -> Iterator[Handling]:
-        """A consumer span for one command, current while the handler runs."""
+    def handling(self, service: str, command: Command, headers: Headers) -> Iterator[Handling]:
+        """A consumer span for one command, current while the handler runs.
+
+        Its parent is the command's send span, derived from the command itself, so ``headers``
+        are not needed to find it.
+        """
         trace_id = trace_id_for(command.saga_id)
         parent = _remote(
             trace_id, command_span_id(command.saga_id, command.step, command.phase, command.attempt)
@@ -276,7 +297,7 @@ class OpenTelemetryObserver:
         events = item.decision.events
         for event in events:
             if isinstance(event, SagaStarted):
-                self._root(event, trace_id, base)
+                self._root(event, trace_id, base, item.headers)
         name = f"decide {item.input_kind}"
         if item.reply is not None:
             name += f" {item.reply.step}.{item.reply.phase}"
@@ -288,13 +309,13 @@ class OpenTelemetryObserver:
                 **base,
                 "saga.input": item.input_kind,
                 "saga.status": state.status.value,
-                "saga.events": [getattr(e, "type", "") for e in events],
+                "saga.events": [e.type for e in events],
             },
-            links=_link_to(item.trace_parent),
+            links=_link_to(item.headers),
             start_time=start,
         )
         for event in events:
-            span.add_event(getattr(event, "type", "event"), _event_attributes(event), _ns(event.at))
+            span.add_event(event.type, _event_attributes(event), _ns(event.at))
         if item.decision.alerts:
             span.set_status(Status(StatusCode.ERROR, "saga stuck"))
         span.end(end)
@@ -303,7 +324,9 @@ class OpenTelemetryObserver:
         for event in events:
             self._metrics_and_marks(event, state, root, base)
 
-    def _root(self, event: SagaStarted, trace_id: int, base: dict[str, Any]) -> None:
+    def _root(
+        self, event: SagaStarted, trace_id: int, base: dict[str, Any], headers: Headers
+    ) -> None:
         attributes: dict[str, Any] = {**base, "saga.version": event.version}
         if self.record_payloads:
             attributes["saga.input_payload"] = orjson.dumps(event.input).decode()[:4000]
@@ -313,7 +336,7 @@ class OpenTelemetryObserver:
                 context=otel_context.Context(),  # a root: no parent, whatever is current
                 kind=SpanKind.SERVER,
                 attributes=attributes,
-                links=_link_to(event.trace_parent),
+                links=_link_to(headers),
                 start_time=_ns(event.at),
             )
         span.end(_ns(event.at))
@@ -407,11 +430,14 @@ class OpenTelemetryObserver:
             span.end(_ns(event.at))
 
 
+_ATTRIBUTES = frozenset({"step", "attempt", "reason", "retry_at", "deadline_at", "phase"})
+"""The event fields a span event carries (no payloads: those may hold personal data)."""
+_WITH_ERROR = (StepRetryScheduled, StepFailedEvent, StepStuck, CompensationRetryScheduled)
+
+
 def _event_attributes(event: EventBase) -> dict[str, Any]:
-    allowed = ("step", "attempt", "reason", "retry_at", "deadline_at", "phase")
-    found: dict[str, Any] = {k: getattr(event, k) for k in allowed if getattr(event, k, None)}
-    error = getattr(event, "error", None)
-    if isinstance(error, ErrorInfo):
-        found["error.type"] = error.type
-        found["error.message"] = error.message[:500]
+    found = {k: v for k, v in event.model_dump(include=set(_ATTRIBUTES)).items() if v}
+    if isinstance(event, _WITH_ERROR):
+        found["error.type"] = event.error.type
+        found["error.message"] = event.error.message[:500]
     return found

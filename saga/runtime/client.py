@@ -8,30 +8,38 @@ is read from the compacted snapshots topic, the projection the coordinator keeps
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-from pydantic import TypeAdapter
 
 from saga.core.codec import decode, encode
 from saga.core.messages import (
     CancelSaga,
     EventBase,
+    Request,
     ResolveSaga,
     RetrySaga,
-    Snapshot,
     StartSaga,
     event_adapter,
 )
-from saga.core.state import SagaState, SagaStatus
-from saga.errors import DecodeError, SagaTimeout, UnknownSaga
-from saga.runtime.ports import Clock, Outgoing, Producer, SystemClock, Topics, Transport
+from saga.core.replay import Replay, is_saga_key
+from saga.core.state import SagaState
+from saga.errors import DecodeError, SagaTimeout, UnknownSaga, UsageError
+from saga.runtime.observe import NullObserver, Observer
+from saga.runtime.ports import (
+    Clock,
+    Headers,
+    Outgoing,
+    Producer,
+    Record,
+    SystemClock,
+    Topics,
+    Transport,
+)
 
 __all__ = ["SagaClient", "new_saga_id"]
-
-_snapshot_adapter: TypeAdapter[Snapshot] = TypeAdapter(Snapshot)
 
 
 def new_saga_id() -> str:
@@ -50,6 +58,9 @@ class SagaClient:
         clock: Time source for request timestamps.
         partitions: Partition count if the client has to create the engine's topics (it must
             match the coordinators' ``partitions``).
+        observer: Gives each request its headers (trace context); none by default.
+        local: A source of state consulted before the snapshots (a coordinator's memory of the
+            sagas it owns); ``None`` for the saga it does not know.
     """
 
     def __init__(
@@ -59,11 +70,15 @@ class SagaClient:
         prefix: str = "saga",
         clock: Clock | None = None,
         partitions: int = 6,
+        observer: Observer | None = None,
+        local: Callable[[str], SagaState | None] | None = None,
     ) -> None:
         self.transport = transport
         self.topics = Topics(prefix)
         self.clock = clock or SystemClock()
         self.partitions = partitions
+        self.observer: Observer = observer or NullObserver()
+        self._local = local
         self._stack = AsyncExitStack()
         self._producer: Producer | None = None
         self._topics_ready = False
@@ -89,16 +104,12 @@ class SagaClient:
         self._producer = None
         await self._stack.aclose()
 
-    async def _send(
-        self,
-        saga_id: str,
-        message: StartSaga | CancelSaga | RetrySaga | ResolveSaga,
-        headers: tuple[tuple[str, bytes], ...] = (),
-    ) -> None:
+    async def _send(self, message: Request, headers: Headers = ()) -> None:
         await self._ensure_topics()
         if self._producer is None:
             self._producer = await self._stack.enter_async_context(self.transport.producer())
-        record = Outgoing(self.topics.requests, saga_id.encode(), encode(message), headers)
+        headers = (*self.observer.headers(message), *headers)
+        record = Outgoing(self.topics.requests, message.saga_id.encode(), encode(message), headers)
         await self._producer.send([record])
 
     async def start(
@@ -107,9 +118,13 @@ class SagaClient:
         input: Mapping[str, Any],
         saga_id: str | None = None,
         *,
-        headers: tuple[tuple[str, bytes], ...] = (),
+        headers: Headers = (),
     ) -> str:
-        """Asks for a saga to start and returns its id. Starting an existing id does nothing."""
+        """Asks for a saga to start and returns its id. Starting an existing id does nothing.
+
+        Raises:
+            UsageError: ``saga_id`` is not a valid id.
+        """
         saga_id = saga_id or new_saga_id()
         _check_id(saga_id)
         message = StartSaga(
@@ -119,27 +134,61 @@ class SagaClient:
             input=dict(input),
             at=self.clock.now(),
         )
-        await self._send(saga_id, message, headers)
+        await self._send(message, headers)
         return saga_id
 
-    async def cancel(self, saga_id: str, reason: str = "cancelled by request") -> None:
-        """Asks for a saga to be cancelled; honoured until its pivot starts."""
+    async def cancel(self, saga_id: str, reason: str = "cancelled by request") -> int:
+        """Asks for a saga to be cancelled; honoured until its pivot starts.
+
+        Returns:
+            The saga's ``seq`` when asked (0 if it is not recorded yet: a cancel may follow
+            its start closely); `wait` with ``after=`` it waits for what follows.
+        """
+        state = await self.status(saga_id)
+        seq = state.seq if state is not None else 0
         message = CancelSaga(
             message_id=new_saga_id(), saga_id=saga_id, reason=reason, at=self.clock.now()
         )
-        await self._send(saga_id, message)
+        await self._send(message)
+        return seq
 
-    async def retry(self, saga_id: str) -> None:
-        """Asks for a stuck saga's stuck steps or compensations to run again."""
-        message = RetrySaga(message_id=new_saga_id(), saga_id=saga_id, at=self.clock.now())
-        await self._send(saga_id, message)
+    async def retry(self, saga_id: str) -> int:
+        """Asks for a stuck saga's stuck steps or compensations to run again.
 
-    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> None:
-        """Declares a stuck saga's stuck steps handled by hand; the saga then carries on."""
-        message = ResolveSaga(
-            message_id=new_saga_id(), saga_id=saga_id, note=note, at=self.clock.now()
-        )
-        await self._send(saga_id, message)
+        Returns:
+            The saga's ``seq`` when asked: ``wait(saga_id, t, after=seq)`` waits for the
+            re-driven run, not for the stuck state the saga had (a stuck saga changes only
+            when a request re-drives it, so that ``seq`` is the state the retry supersedes).
+
+        Raises:
+            UnknownSaga: No coordinator has recorded a saga with that id.
+        """
+        seq = await self._seq(saga_id)
+        await self._send(RetrySaga(message_id=new_saga_id(), saga_id=saga_id, at=self.clock.now()))
+        return seq
+
+    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> int:
+        """Declares a stuck saga's stuck steps handled by hand; the saga then carries on.
+
+        Returns:
+            The saga's ``seq`` when asked (see `retry`).
+
+        Raises:
+            UnknownSaga: No coordinator has recorded a saga with that id.
+        """
+        seq = await self._seq(saga_id)
+        at = self.clock.now()
+        await self._send(ResolveSaga(message_id=new_saga_id(), saga_id=saga_id, note=note, at=at))
+        return seq
+
+    async def _seq(self, saga_id: str) -> int:
+        state = await self.status(saga_id)
+        if state is None:
+            raise UnknownSaga(
+                f"no saga with id {saga_id!r} has been recorded under prefix "
+                f"{self.topics.prefix!r}: check the id (saga list) and the prefix"
+            )
+        return state.seq
 
     async def _partition(self, topic: str, saga_id: str) -> int:
         count = await self.transport.partitions(topic)
@@ -147,25 +196,26 @@ class SagaClient:
 
     async def status(self, saga_id: str) -> SagaState | None:
         """The saga's latest committed state, or ``None`` if no coordinator has recorded it."""
+        if self._local is not None and (state := self._local(saga_id)) is not None:
+            return state
         partition = await self._partition(self.topics.snapshots, saga_id)
         key = saga_id.encode()
-        found: SagaState | None = None
+        fold: Replay[Record] = Replay()
         async for record in self.transport.read(self.topics.snapshots, partition):
             if record.key == key:
-                found = _state_from(record.value) if record.value else None
-        return found
+                fold.add_snapshot(record)
+        return fold.states.get(saga_id)
 
     async def states(self) -> AsyncIterator[SagaState]:
         """Every saga's latest state (reads the whole snapshots topic)."""
         count = await self.transport.partitions(self.topics.snapshots)
         for partition in range(count):
-            latest: dict[bytes, bytes | None] = {}
+            fold: Replay[Record] = Replay()
             async for record in self.transport.read(self.topics.snapshots, partition):
-                if record.key is not None and not record.key.startswith(b"__"):
-                    latest[record.key] = record.value
-            for value in latest.values():
-                if value:
-                    yield _state_from(value)
+                if is_saga_key(record.key):
+                    fold.add_snapshot(record)
+            for state in fold.states.values():
+                yield state
 
     async def events(self, saga_id: str) -> list[EventBase]:
         """The saga's events from the log, in order."""
@@ -182,8 +232,17 @@ class SagaClient:
             raise UnknownSaga(f"no events for saga {saga_id!r} in {self.topics.log}")
         return found
 
-    async def wait(self, saga_id: str, timeout: float, *, poll: float = 0.5) -> SagaState:
+    async def wait(
+        self, saga_id: str, timeout: float, *, after: int = 0, poll: float = 0.5
+    ) -> SagaState:
         """Waits until the saga is completed, compensated or stuck.
+
+        Args:
+            saga_id: The saga.
+            timeout: Seconds to wait at most.
+            after: Only a final state with a ``seq`` past this counts: pass what `retry`,
+                `resolve` or `cancel` returned to wait for what the request led to.
+            poll: Seconds between reads of the snapshots.
 
         Raises:
             SagaTimeout: It did not end within ``timeout`` seconds.
@@ -192,23 +251,15 @@ class SagaClient:
         with anyio.move_on_after(timeout):
             while True:
                 last = await self.status(saga_id)
-                if last is not None and last.status in _ENDED:
+                if last is not None and last.is_final and last.seq > after:
                     return last
                 await anyio.sleep(poll)
         state = last.status.value if last else "not started"
         raise SagaTimeout(f"saga {saga_id!r} did not end within {timeout}s (it is {state})")
 
 
-_ENDED = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK})
-
-
-def _state_from(value: bytes) -> SagaState:
-    snapshot = decode(_snapshot_adapter, value)
-    return SagaState.model_validate(snapshot.state)
-
-
 def _check_id(saga_id: str) -> None:
     if not saga_id or len(saga_id) > 200 or saga_id.startswith("__"):
-        raise ValueError(
+        raise UsageError(
             f"saga id {saga_id!r} is invalid: use 1 to 200 characters, not starting with '__'"
         )

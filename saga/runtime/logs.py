@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line, carrying the saga id and its trace id.
 
-The trace id is derived from the saga id (`saga.core.ids`), so a log line can be joined to the
-saga's trace in Jaeger without any tracing library in the logging path.
+The trace id is derived from the saga id (`saga.runtime.traceids`), so a log line can be joined
+to the saga's trace in Jaeger without any tracing library in the logging path.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from saga.core.ids import trace_id_for
+from saga.runtime.traceids import trace_id_for
 
 __all__ = ["JsonFormatter", "configure_logging"]
 

@@ -2,7 +2,16 @@
 
 The coordinator reports each decision only after its transaction committed, never while it
 rebuilds state from the log, so a restart produces no duplicate spans and no double counts.
-The participant reports each command it handles. `NullObserver` does nothing;
+The participant reports each command it handles.
+
+The observer is also the one place where context crosses the wire, in both directions: every
+outgoing message (a client's request, a coordinator's command, a participant's reply) takes its
+headers from `Observer.headers`, and every incoming record's headers are handed to the observer
+with what it reports (`Committed.headers`, `Observer.handling`). The coordinator, the
+participant and the client never read or write a trace header themselves, and the pure core
+never sees one.
+
+`NullObserver` does nothing and adds no headers;
 `saga.adapters.tracing.OpenTelemetryObserver` exports spans and metrics over OTLP.
 """
 
@@ -13,12 +22,16 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from saga.core.decide import Decision
-from saga.core.ids import command_span_id, trace_id_for, traceparent
-from saga.core.messages import Command, ErrorInfo, Reply
+from saga.core.decide import Decision, InputKind
+from saga.core.messages import Command, ErrorInfo, Reply, Request
 from saga.core.state import SagaState
+from saga.runtime.ports import Headers
 
-__all__ = ["Committed", "Handling", "NullObserver", "Observer", "command_traceparent"]
+__all__ = ["Committed", "Handling", "NullObserver", "Observer", "Outbound"]
+
+Outbound = Command | Reply | Request
+"""A message the runtime sends: a request (client), a command (coordinator), a reply
+(participant)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +40,11 @@ class Committed:
 
     before: SagaState | None
     decision: Decision
-    input_kind: str
+    input_kind: InputKind
     """``start``, ``cancel``, ``retry``, ``resolve``, ``reply`` or ``timer``."""
     reply: Reply | None
-    trace_parent: str | None
-    """The ``traceparent`` header of the input record, if any."""
+    headers: Headers
+    """The headers of the input record (none for a timer)."""
     decided_at: float
 
 
@@ -42,13 +55,9 @@ class Handling(Protocol):
         """Records how the command ended."""
         ...
 
-    def traceparent(self) -> str | None:
-        """The ``traceparent`` to send with the reply."""
-        ...
-
 
 class Observer(Protocol):
-    """Receives the runtime's reports."""
+    """Receives the runtime's reports, and gives outgoing messages their headers."""
 
     def committed(self, items: Sequence[Committed], committed_at: float) -> None:
         """A coordinator transaction committed these decisions."""
@@ -58,8 +67,18 @@ class Observer(Protocol):
         """A record of ``topic`` went to the dead-letter topic."""
         ...
 
-    def handling(self, service: str, command: Command) -> AbstractContextManager[Handling]:
-        """Wraps a participant's handling of ``command``."""
+    def handling(
+        self, service: str, command: Command, headers: Headers
+    ) -> AbstractContextManager[Handling]:
+        """Wraps a participant's handling of ``command``, which arrived with ``headers``."""
+        ...
+
+    def headers(self, message: Outbound) -> Headers:
+        """The headers to send with ``message``.
+
+        The participant asks for a reply's headers inside `handling`, so that they can carry
+        the handling's context.
+        """
         ...
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
@@ -67,22 +86,13 @@ class Observer(Protocol):
         ...
 
 
-def command_traceparent(command: Command) -> str:
-    """The ``traceparent`` a command carries: its send span, in its saga's trace."""
-    span = command_span_id(command.saga_id, command.step, command.phase, command.attempt)
-    return traceparent(trace_id_for(command.saga_id), span)
-
-
 class _NullHandling:
     def outcome(self, ok: bool, error: ErrorInfo | None, replayed: bool) -> None:
         return None
 
-    def traceparent(self) -> str | None:
-        return None
-
 
 class NullObserver:
-    """Observes nothing."""
+    """Observes nothing and adds no headers."""
 
     def committed(self, items: Sequence[Committed], committed_at: float) -> None:
         """Does nothing."""
@@ -91,9 +101,13 @@ class NullObserver:
         """Does nothing."""
 
     @contextmanager
-    def handling(self, service: str, command: Command) -> Iterator[Handling]:
+    def handling(self, service: str, command: Command, headers: Headers) -> Iterator[Handling]:
         """Does nothing."""
         yield _NullHandling()
+
+    def headers(self, message: Outbound) -> Headers:
+        """No headers."""
+        return ()
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         """Does nothing."""

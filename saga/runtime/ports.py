@@ -17,6 +17,7 @@ from typing import Protocol
 __all__ = [
     "Clock",
     "Consumer",
+    "Headers",
     "Outgoing",
     "Producer",
     "RebalanceListener",
@@ -30,6 +31,7 @@ __all__ = [
 
 TopicPartition = tuple[str, int]
 Headers = tuple[tuple[str, bytes], ...]
+"""Record headers: (name, value) pairs, in order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,13 @@ class Record:
     value: bytes | None
     headers: Headers = ()
     timestamp: float = 0.0
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name``, decoded as text (``None`` if absent)."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode(errors="replace")
+        return None
 
 
 @dataclass(frozen=True, slots=True)

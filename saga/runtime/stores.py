@@ -6,6 +6,7 @@ what a service with a local SQLite database should use (ideally the same file as
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -57,12 +58,17 @@ class SQLiteReplyStore:
     """Outcomes in a SQLite table (``saga_replies``), durable across restarts.
 
     Args:
-        path: The database file; created if missing.
+        path: The database file; created if missing, readable and writable by its owner only
+            (outputs may hold what a service would not show to other users of the machine).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._local = threading.local()
+        if not os.path.exists(self.path):
+            # An empty file is an empty database; SQLite gives its -wal and -shm files the
+            # same mode. An existing file keeps the mode it has.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         with self._connect() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS saga_replies ("

@@ -411,18 +411,12 @@ def _store(service: str) -> ReplyStore:
 def make_participant(
     service: str,
     *,
-    prefix: str = "saga",
     store: ReplyStore | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> Participant:
-    """A participant of ``service`` with every handler it owns (for in-process use too)."""
-    participant = Participant(
-        service,
-        prefix=prefix,
-        store=store or _store(service),
-        partitions=int(os.environ.get("CHAOS_PARTITIONS", "4")),
-        limits=limits,
-    )
+    """A participant of ``service`` with every handler it owns (for in-process use too: run it
+    with ``participant.run(transport, prefix=...)``)."""
+    participant = Participant(service, store=store or _store(service), limits=limits)
     for definition in sagas:
         for step in definition.steps:
             if step.service != service:

@@ -6,6 +6,7 @@ fault injected into the Kafka client) rather than drive it from outside as proce
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -49,11 +50,15 @@ async def open_in_process(
         limits=limits,
         alert_hooks=alert_hooks,
     )
-    participants = [make_participant(s, prefix=prefix, limits=limits) for s in SERVICES]
+    participants = [make_participant(s, limits=limits) for s in SERVICES]
     try:
         async with coordinator, anyio.create_task_group() as tg:
             for participant in participants:
-                await tg.start(participant.run, transport)
+                await tg.start(
+                    functools.partial(
+                        participant.run, transport, prefix=prefix, partitions=partitions
+                    )
+                )
             yield coordinator
             tg.cancel_scope.cancel()
     finally:

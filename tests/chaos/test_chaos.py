@@ -134,16 +134,28 @@ class Injector:
             proc.kill()  # the supervisor restarts it at once
             await eventually(lambda: proc.alive, 10, f"{proc.name} is restarted")
             await self._up(proc)
-        elif kind == "broker_kill":
-            self.kafka.kill()
-            await anyio.sleep(rng.uniform(1.0, 4.0))
-            await anyio.to_thread.run_sync(self.kafka.restart)
-        elif kind == "broker_pause":
-            self.kafka.pause()
+        elif kind in ("broker_kill", "broker_pause"):
+            # Not while a process is still joining its group: one that cannot get its partitions
+            # within its transport deadline gives up (see test_broker_outage.py).
+            await eventually(
+                lambda: all(p.joined() for p in self.cluster.procs.values() if p.alive),
+                120,
+                "every process has joined its group",
+            )
+            self.cluster.broker_down.set()
             try:
-                await anyio.sleep(rng.uniform(2.0, 6.0))
+                if kind == "broker_kill":
+                    self.kafka.kill()
+                    await anyio.sleep(rng.uniform(1.0, 4.0))
+                    await anyio.to_thread.run_sync(self.kafka.restart)
+                else:
+                    self.kafka.pause()
+                    try:
+                        await anyio.sleep(rng.uniform(2.0, 6.0))
+                    finally:
+                        self.kafka.resume()
             finally:
-                self.kafka.resume()
+                self.cluster.broker_down.clear()
         self.faults[kind] += 1
         self.last_fault = time.time()
 
@@ -173,13 +185,27 @@ def _recovery_times(cluster: Cluster, kills: list[float]) -> list[float]:
     return times
 
 
+REPLAY = f"replay with: CHAOS_SEED={SEED} CHAOS_SAGAS={SAGAS} make chaos"
+
+
 @pytest.mark.timeout(max(300, 120 + SAGAS * 3))
 @pytest.mark.anyio
 async def test_chaos(
     chaos_kafka: KafkaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    try:
+        await _chaos_run(chaos_kafka, tmp_path, capsys)
+    except BaseException:
+        with capsys.disabled():
+            print(f"\nchaos run failed (seed {SEED}); {REPLAY}")
+        raise
+
+
+async def _chaos_run(
+    chaos_kafka: KafkaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = random.Random(SEED)
-    replay = f"replay with: CHAOS_SEED={SEED} CHAOS_SAGAS={SAGAS} make chaos"
+    replay = REPLAY
     prefix = f"chaos-{SEED}-{uuid.uuid4().hex[:6]}"
     transport = KafkaTransport(chaos_kafka.bootstrap_servers, deadline=15)
     await ensure_topics(transport, prefix, PARTITIONS)

@@ -192,9 +192,8 @@ class World:
     """Everything that lives in the portal's event loop: broker, clock, engine, network."""
 
     def __init__(self) -> None:
-        self.clock = VirtualClock()
         self.broker = MemoryBroker(default_partitions=PARTITIONS)
-        self.clock._broker = self.broker
+        self.clock = VirtualClock(on_advance=self.broker.wake)
         self.transport = PromptTransport(self.broker)
         self.engine = Topics("saga")
         self.net = Topics("net")
@@ -218,14 +217,7 @@ class World:
         )
 
     def _participant(self, service: str) -> Participant:
-        participant = Participant(
-            service,
-            transport=self.transport,
-            prefix="net",
-            store=self.stores[service],
-            partitions=PARTITIONS,
-            clock=self.clock,
-        )
+        participant = Participant(service, store=self.stores[service])
         for step in DEFINITION.steps:
             if step.service == service:
                 handler = functools.partial(_handler, self.ledger)
@@ -243,7 +235,13 @@ class World:
             self.tg = tg
             self.scopes["coordinator"] = await tg.start(_host, self.coordinator.run)
             for service in SERVICES:
-                run = functools.partial(self._participant(service).run, self.transport)
+                run = functools.partial(
+                    self._participant(service).run,
+                    self.transport,
+                    prefix="net",
+                    partitions=PARTITIONS,
+                    clock=self.clock,
+                )
                 self.scopes[service] = await tg.start(_host, run)
             task_status.started()
             await anyio.sleep_forever()
@@ -278,7 +276,13 @@ class World:
     async def crash_participant(self, service: str) -> None:
         self.scopes[service].cancel()
         await anyio.lowlevel.checkpoint()
-        run = functools.partial(self._participant(service).run, self.transport)
+        run = functools.partial(
+            self._participant(service).run,
+            self.transport,
+            prefix="net",
+            partitions=PARTITIONS,
+            clock=self.clock,
+        )
         self.scopes[service] = await self.tg.start(_host, run)
         await self.settle()
 
@@ -465,6 +469,48 @@ def test_late_attempt_after_retries_ran_out_is_undone() -> None:
             ]
             call(world.deliver, second)  # attempt 2 runs first and fails: retries ran out
             states = call(world.be_fair)  # then attempt 1 arrives and takes effect
+        finally:
+            boot.cancel()
+    effects = world.ledger.counts()
+    (saga_id,) = world.sagas
+    assert states[saga_id].status is SagaStatus.COMPENSATED
+    assert effects.get((saga_id, "a", "action"), 0) == effects.get(
+        (saga_id, "a", "compensation"), 0
+    ), f"a took effect and was never undone: {effects}"
+
+
+def _find(world: World, needle: Callable[[str, Record], bool]) -> int:
+    (index,) = [i for i, (dest, r) in enumerate(world.in_flight) if needle(dest, r)]
+    return index
+
+
+def _command(attempt: int) -> Callable[[str, Record], bool]:
+    return lambda dest, r: (
+        ".commands." in dest and f'"attempt":{attempt}'.encode() in (r.value or b"")
+    )
+
+
+def _reply(dest: str, record: Record) -> bool:
+    return dest.endswith(".replies")
+
+
+def test_redelivered_command_after_retries_ran_out_is_undone() -> None:
+    with start_blocking_portal() as portal:
+        world = World()
+        boot, _ = portal.start_task(world.boot)
+        try:
+
+            def call(fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+                return portal.call(functools.partial(fn, *args, **kwargs))
+
+            call(world.start, {"a": {"tech": 2}})  # a's handler fails its first two runs
+            call(world.deliver, _find(world, _command(1)))  # run 1: technical failure
+            call(world.deliver, _find(world, _reply))  # a retry is scheduled
+            call(world.advance, 1.0)  # attempt 2 is sent
+            # Attempt 2 is delivered (run 2: technical failure) and will be delivered again.
+            call(world.deliver, _find(world, _command(2)), keep=True)
+            call(world.deliver, _find(world, _reply))  # retries ran out: the saga compensates
+            states = call(world.be_fair)  # the redelivery runs the handler a third time
         finally:
             boot.cancel()
     effects = world.ledger.counts()

@@ -154,7 +154,7 @@ async def test_participant_rides_out_a_reply_it_cannot_send(
     await ensure_topics(transport, prefix, PARTITIONS)
     ledger = Ledger(tmp_path / "ledger.db")
     monkeypatch.setenv("CHAOS_LEDGER", str(ledger.path))
-    participant = make_participant("alpha", prefix=prefix)
+    participant = make_participant("alpha")
     command = Command(
         message_id="m-1",
         saga_id="saga-1",
@@ -174,7 +174,7 @@ async def test_participant_rides_out_a_reply_it_cannot_send(
 
     async def serve() -> None:
         try:
-            await participant.run(transport)
+            await participant.run(transport, prefix=prefix, partitions=PARTITIONS)
         except Exception as exc:
             crashed.append(exc)
 
@@ -199,3 +199,57 @@ async def test_participant_rides_out_a_reply_it_cannot_send(
         tg.cancel_scope.cancel()
     assert not crashed, f"the participant crashed: {crashed!r}"
     assert len(replies) >= 1
+
+
+@pytest.mark.anyio
+async def test_participant_started_during_an_outage_waits_for_the_broker(
+    own_kafka: KafkaServer, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = KafkaTransport(own_kafka.bootstrap_servers, deadline=3)
+    await ensure_topics(transport, prefix, PARTITIONS)
+    ledger = Ledger(tmp_path / "ledger.db")
+    monkeypatch.setenv("CHAOS_LEDGER", str(ledger.path))
+    participant = make_participant("alpha")
+    crashed: list[BaseException] = []
+
+    async def serve() -> None:
+        try:
+            await participant.run(transport, prefix=prefix, partitions=PARTITIONS)
+        except Exception as exc:
+            crashed.append(exc)
+
+    replies: list[Record] = []
+    async with anyio.create_task_group() as tg:
+        own_kafka.pause()
+        try:
+            tg.start_soon(serve)
+            await anyio.sleep(7)  # longer than the transport's deadline
+        finally:
+            own_kafka.resume()
+        command = Command(
+            message_id="m-2",
+            saga_id="saga-2",
+            saga_name="chain",
+            saga_version=1,
+            step="a",
+            phase="action",
+            service="alpha",
+            action="a",
+            attempt=1,
+            idempotency_key="saga-2/a/action",
+            payload={"plan": {}},
+            deadline_at=time.time() + 120,
+            at=time.time(),
+        )
+        async with transport.producer() as producer:
+            topic = Topics(prefix).commands("alpha")
+            await producer.send([Outgoing(topic, b"saga-2", encode(command))])
+        with anyio.move_on_after(40):
+            while True:
+                replies = await read_topic(transport, Topics(prefix).replies)
+                if replies or crashed:
+                    break
+                await anyio.sleep(0.5)
+        tg.cancel_scope.cancel()
+    assert not crashed, f"the participant gave up: {crashed!r}"
+    assert len(replies) == 1

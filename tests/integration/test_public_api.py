@@ -67,10 +67,10 @@ class Agency:
     undo_payloads: list[dict[str, Any]] = field(default_factory=list)
 
 
-def participants(agency: Agency, transport: KafkaTransport, prefix: str) -> list[saga.Participant]:
-    airline = saga.Participant("airline", transport=transport, prefix=prefix)
-    hotels = saga.Participant("hotels", transport=transport, prefix=prefix)
-    cars = saga.Participant("cars", transport=transport, prefix=prefix)
+def participants(agency: Agency) -> list[saga.Participant]:
+    airline = saga.Participant("airline")
+    hotels = saga.Participant("hotels")
+    cars = saga.Participant("cars")
 
     @airline.handler("book_flight")
     async def book_flight(payload: dict[str, Any], ctx: saga.StepContext) -> dict[str, Any]:
@@ -121,12 +121,12 @@ async def world(bootstrap: str) -> AsyncIterator[World]:
     prefix = f"trip-{uuid.uuid4().hex[:8]}"
     transport = KafkaTransport(bootstrap, deadline=20)
     agency = Agency()
-    p1, p2, p3 = participants(agency, transport, prefix)
+    p1, p2, p3 = participants(agency)
     async with (
         saga.Coordinator([TRIP], transport=transport, prefix=prefix) as coordinator,
-        p1,
-        p2,
-        p3,
+        p1.serving(transport, prefix=prefix),
+        p2.serving(transport, prefix=prefix),
+        p3.serving(transport, prefix=prefix),
         saga.SagaClient(transport, prefix=prefix) as client,
     ):
         yield World(coordinator, client, agency)

@@ -21,7 +21,7 @@ import pytest
 from deploy.jaeger import JaegerServer
 from saga import SagaClient, SagaStatus
 from saga.adapters.kafka import KafkaTransport
-from saga.core.ids import trace_id_for
+from saga.runtime.traceids import trace_id_for
 from services.fleet import COORDINATOR, Fleet
 from services.orders import make_order
 from tests.integration.support import STEP_TIMEOUT, Services

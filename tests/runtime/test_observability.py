@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from saga import Participant, RetryPolicy, SagaDefinition, SagaStatus, Step, StepContext, StepFailed
 from saga.adapters.tracing import DeterministicIds, OpenTelemetryObserver
-from saga.core.ids import trace_id_for
 from saga.runtime.ports import Outgoing
+from saga.runtime.traceids import trace_id_for
 from saga.testing import SagaHarness
 
 pytestmark = pytest.mark.anyio
@@ -54,15 +54,12 @@ def shop_services() -> list[Participant]:
     return [bank, post]
 
 
-def observed(harness: SagaHarness) -> tuple[InMemorySpanExporter, InMemoryMetricReader]:
+def observed() -> tuple[SagaHarness, InMemorySpanExporter, InMemoryMetricReader]:
     spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
     tracer = TracerProvider(id_generator=DeterministicIds())
     tracer.add_span_processor(SimpleSpanProcessor(spans))
     observer = OpenTelemetryObserver(tracer, MeterProvider(metric_readers=[metrics]))
-    harness.coordinator.observer = observer
-    for p in harness.participants:
-        p.observer = observer
-    return spans, metrics
+    return SagaHarness([SHOP], shop_services(), observer=observer), spans, metrics
 
 
 def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
@@ -81,8 +78,7 @@ def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any],
 
 
 async def test_metrics_count_what_ran() -> None:
-    harness = SagaHarness([SHOP], shop_services())
-    spans, metrics = observed(harness)
+    harness, spans, metrics = observed()
     async with harness as h:
         h.fail("bank", "charge", times=1)
         ok_1 = await h.start("shop", {})
@@ -116,8 +112,7 @@ async def test_metrics_count_what_ran() -> None:
 
 
 async def test_a_coordinator_restart_adds_no_spans() -> None:
-    harness = SagaHarness([SHOP], shop_services())
-    spans, _ = observed(harness)
+    harness, spans, _ = observed()
     async with harness as h:
         saga_id = await h.start("shop", {})
         await h.run_until_done(saga_id)

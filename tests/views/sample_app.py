@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from saga import Participant, RetryPolicy, SagaDefinition, Step, StepContext, StepFailed
-from saga.runtime.ports import Transport
 
 __all__ = ["ORDER", "participants", "sagas"]
 
@@ -41,11 +40,9 @@ ORDER = SagaDefinition(
 sagas = [ORDER]
 
 
-def participants(transport: Transport | None = None, prefix: str = "saga") -> list[Participant]:
+def participants() -> list[Participant]:
     """The three services' participants, with handlers driven by the saga input."""
-    geo, pay, kitchen = (
-        Participant(s, transport=transport, prefix=prefix) for s in ("geo", "pay", "kitchen")
-    )
+    geo, pay, kitchen = (Participant(s) for s in ("geo", "pay", "kitchen"))
 
     @geo.handler("check")
     async def check(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:

@@ -42,12 +42,12 @@ class Run:
 async def run(bootstrap: str) -> AsyncIterator[Run]:
     prefix = f"views-{uuid.uuid4().hex[:8]}"
     transport = KafkaTransport(bootstrap, deadline=20)
-    geo, pay, kitchen = participants(transport, prefix)
+    geo, pay, kitchen = participants()
     async with (
         saga.Coordinator([ORDER], transport=transport, prefix=prefix) as coordinator,
-        geo,
-        pay,
-        kitchen,
+        geo.serving(transport, prefix=prefix),
+        pay.serving(transport, prefix=prefix),
+        kitchen.serving(transport, prefix=prefix),
         saga.SagaClient(transport, prefix=prefix) as client,
     ):
         ok = await coordinator.start("order", {"amount": 12, "flaky": True}, f"ok-{prefix}")
