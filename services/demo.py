@@ -47,8 +47,6 @@ import anyio
 from anyio.abc import TaskStatus
 
 from saga import SagaClient, SagaState, SagaStatus, StepStatus, TransportError
-from saga.core.codec import decode
-from saga.core.ids import trace_id_for
 from saga.core.messages import (
     CompensationStarted,
     CompensationSucceeded,
@@ -57,11 +55,10 @@ from saga.core.messages import (
     StepStarted,
     StepSucceeded,
     StepTimedOut,
-    event_adapter,
 )
-from saga.core.state import evolve
-from saga.errors import DecodeError, IllegalTransition
-from saga.runtime.ports import Transport
+from saga.core.replay import Replay
+from saga.runtime.ports import Record, Transport
+from saga.runtime.traceids import trace_id_for
 from services.fleet import Fleet
 from services.orders import make_order, submit
 
@@ -139,8 +136,16 @@ class LogTail:
 
     transport: Transport
     prefix: str
-    states: dict[str, SagaState] = field(default_factory=dict)
+    replay: Replay[Record] = field(default_factory=Replay[Record])
+    """The fold; records it cannot use are set aside in it (only the coordinator writes the
+    log, so there are none to show)."""
     events: dict[str, list[EventBase]] = field(default_factory=lambda: defaultdict(list))
+    """Each saga's folded events, in order."""
+
+    @property
+    def states(self) -> dict[str, SagaState]:
+        """Every saga's state so far, by saga id."""
+        return self.replay.states
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reads the log from the start until cancelled."""
@@ -149,14 +154,9 @@ class LogTail:
             task_status.started()
             while True:
                 for record in await consumer.poll(0.2, 1000):
-                    if record.value is None:
-                        continue
-                    try:
-                        event = decode(event_adapter, record.value)
-                        self.states[event.saga_id] = evolve(self.states.get(event.saga_id), event)
-                    except (DecodeError, IllegalTransition):
-                        continue  # only the coordinator writes the log; nothing to show
-                    self.events[event.saga_id].append(event)
+                    folded = self.replay.add_log_record(record)
+                    if folded is not None:
+                        self.events[folded.event.saga_id].append(folded.event)
 
 
 # -- the run ----------------------------------------------------------------------------------

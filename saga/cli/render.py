@@ -1,4 +1,10 @@
-"""Text views of sagas for people: status, history and timeline, lists, rebuild reports."""
+"""Text views of sagas for people: status, history and timeline, lists, rebuild reports.
+
+Each view is plain text, which is what the commands print when standard output is not a
+terminal (scripts and tests read it, so it stays as it is). The ones that are tables also come
+as `rich` renderables (``*_view``), which the commands print on a terminal instead: the same
+columns, sized to the terminal and coloured by status.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,39 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from saga.core.messages import EventBase
-from saga.core.state import SagaState
-from saga.views.rebuild import BadRecord, RebuildReport
-from saga.views.spans import SagaSpans, spans
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
 
-__all__ = ["rebuild", "replay", "status", "summary_row", "table", "timeline"]
+from saga.core.messages import (
+    CompensationRetryScheduled,
+    EventBase,
+    StepEvent,
+    StepFailedEvent,
+    StepRetryScheduled,
+    StepStuck,
+)
+from saga.core.state import SagaState
+from saga.views.jaeger import TraceSpan, orphans, trace_millis, waterfall_rows
+from saga.views.rebuild import BadRecord, RebuildReport
+from saga.views.spans import SagaSpans, spans, step_of
+from saga.views.styles import add_row, status_style
+
+__all__ = [
+    "rebuild",
+    "replay",
+    "replay_view",
+    "status",
+    "status_view",
+    "summary_row",
+    "table",
+    "table_view",
+    "timeline",
+    "trace_view",
+]
+
+_WITH_ERROR = (StepRetryScheduled, StepFailedEvent, StepStuck, CompensationRetryScheduled)
+"""The events that carry an `ErrorInfo`."""
 
 
 def _time(at: float | None) -> str:
@@ -32,6 +65,43 @@ def status(state: SagaState) -> str:
         lines.append(f"reason    {state.reason}")
     lines.append("")
     lines.append(f"{'step':<16} {'status':<22} {'attempts':>8}  result")
+    for name, step, attempts, result in _steps(state):
+        lines.append(f"{name:<16} {step:<22} {attempts:>8}  {result}")
+    return "\n".join(lines)
+
+
+def status_view(state: SagaState) -> RenderableType:
+    """`status` for a terminal: the same fields, the steps as a table."""
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    value = state.status.value
+    add_row(head, "saga", state.saga_id)
+    add_row(head, "name", f"{state.name} v{state.version}")
+    add_row(
+        head,
+        "status",
+        Text.assemble((value, status_style(value)), f"  ({state.percent_complete()}% complete)"),
+    )
+    add_row(
+        head, "started", f"{_time(state.started_at)} UTC   updated {_time(state.updated_at)} UTC"
+    )
+    if state.reason:
+        add_row(head, "reason", state.reason)
+    steps = Table(header_style="bold")
+    steps.add_column("step")
+    steps.add_column("status")
+    steps.add_column("attempts", justify="right")
+    steps.add_column("result", overflow="fold")
+    for name, step, attempts, result in _steps(state):
+        add_row(steps, name, Text(step, style=status_style(step)), attempts, result)
+    return Group(head, Text(""), steps)
+
+
+def _steps(state: SagaState) -> list[tuple[str, str, str, str]]:
+    """Each step's name, status, attempts (``2+1c``: 2 of the action, 1 of the compensation)
+    and result: its error while it has not ended well, else its output."""
+    rows = []
     for name, step in state.steps.items():
         attempts = str(step.attempt)
         if step.compensation_attempt:
@@ -42,8 +112,8 @@ def status(state: SagaState) -> str:
             result = _short(step.output)
         else:
             result = ""
-        lines.append(f"{name:<16} {step.status.value:<22} {attempts:>8}  {result}")
-    return "\n".join(lines)
+        rows.append((name, step.status.value, attempts, result))
+    return rows
 
 
 def replay(events: Sequence[EventBase], width: int = 60) -> str:
@@ -69,15 +139,58 @@ def replay(events: Sequence[EventBase], width: int = 60) -> str:
     ]
     for e in events:
         wall = f"{_day(e.at)} {_time(e.at)}" if multi_day else _time(e.at)
-        kind: str = getattr(e, "type", "event")
-        step = getattr(e, "step", None) or ""
-        attempt = getattr(e, "attempt", None)
+        step = step_of(e) or ""
         lines.append(
-            f"{e.seq:>4}  {wall}  {e.at - sp.start:>+9.3f}  {kind:<28} {step:<14} "
-            f"{attempt if attempt is not None else '':>3}  {_detail(e)}".rstrip()
+            f"{e.seq:>4}  {wall}  {e.at - sp.start:>+9.3f}  {e.type:<28} {step:<14} "
+            f"{_attempt(e):>3}  {_detail(e)}".rstrip()
         )
     lines += ["", *timeline(sp, width)]
     return "\n".join(lines)
+
+
+def replay_view(events: Sequence[EventBase], width: int = 60) -> RenderableType:
+    """`replay` for a terminal: the events as a table, then the same timeline."""
+    if not events:
+        return Text("(no events)")
+    sp = spans(events)
+    multi_day = _day(sp.start) != _day(sp.end)
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    add_row(head, "saga", sp.saga_id)
+    add_row(head, "name", f"{sp.name} v{sp.version}")
+    add_row(head, "status", Text(sp.status, style=status_style(sp.status)))
+    add_row(
+        head,
+        "span",
+        f"{_day(sp.start)} {_time(sp.start)} -> {_time(sp.end)} UTC "
+        f"({sp.duration:.3f}s, {len(events)} events)",
+    )
+    table = Table(header_style="bold")
+    table.add_column("seq", justify="right")
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("+s", justify="right", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("step")
+    table.add_column("att", justify="right")
+    table.add_column("detail", overflow="fold")
+    for e in events:
+        add_row(
+            table,
+            str(e.seq),
+            f"{_day(e.at)} {_time(e.at)}" if multi_day else _time(e.at),
+            f"{e.at - sp.start:+.3f}",
+            e.type,
+            step_of(e) or "",
+            _attempt(e),
+            _detail(e),
+        )
+    drawing = Text("\n".join(timeline(sp, width)), no_wrap=True, overflow="crop")
+    return Group(head, Text(""), table, Text(""), drawing)
+
+
+def _attempt(e: EventBase) -> str:
+    return str(e.attempt) if isinstance(e, StepEvent) else ""
 
 
 def _day(at: float) -> str:
@@ -98,8 +211,8 @@ def _detail(e: EventBase) -> str:
             parts.append(f"{k}={_time(v)}")
         else:
             parts.append(f"{k}={_short(v)}")
-    error = getattr(e, "error", None)
-    if error is not None:
+    if isinstance(e, _WITH_ERROR):
+        error = e.error
         kind = "business" if error.business else "technical"
         parts.append(f"error=[{kind}] {error.type}: {_short(error.message)}")
     return " ".join(parts)
@@ -193,6 +306,55 @@ def table(states: Sequence[SagaState]) -> str:
         )
     lines.append(f"({len(states)} sagas)")
     return "\n".join(lines)
+
+
+def table_view(states: Sequence[SagaState]) -> RenderableType:
+    """`table` for a terminal."""
+    found = Table(header_style="bold", caption=f"{len(states)} sagas")
+    found.add_column("saga", overflow="fold")
+    found.add_column("name")
+    found.add_column("status")
+    found.add_column("done", justify="right")
+    found.add_column("started", no_wrap=True)
+    for s in states:
+        value = s.status.value
+        add_row(
+            found,
+            s.saga_id,
+            s.name,
+            Text(value, style=status_style(value)),
+            f"{s.percent_complete()}%",
+            _time(s.started_at),
+        )
+    return found
+
+
+def trace_view(trace: list[TraceSpan], width: int = 48) -> RenderableType:
+    """`saga.views.jaeger.waterfall` for a terminal: the spans as rows of a table, the bars on
+    a shared time axis (errors in red, compensations in yellow)."""
+    if not trace:
+        return Text("(no spans)")
+    missing = orphans(trace)
+    table = Table(
+        title=f"trace of {trace_millis(trace):.1f} ms, {len(trace)} spans",
+        header_style="bold",
+        caption=f"{len(missing)} spans whose parent is not in the trace yet" if missing else None,
+    )
+    table.add_column("service", max_width=16, no_wrap=True)
+    table.add_column("span", max_width=40, no_wrap=True)
+    table.add_column("time", width=width, no_wrap=True)
+    table.add_column("ms", justify="right", no_wrap=True)
+    table.add_column("undoes")
+    for r in waterfall_rows(trace, width):
+        s = r.span
+        style = "red" if s.error else "yellow" if r.undoes is not None else "blue"
+        # Errors get a glyph of their own too, so that they show without colours (NO_COLOR).
+        bar = Text(" " * r.left) + Text(("▓" if s.error else "█") * r.size, style=style)
+        undoes = "" if r.undoes is None else r.undoes or "a step"
+        add_row(
+            table, s.service, "  " * r.depth + s.name, bar, f"{s.duration_us / 1000:.1f}", undoes
+        )
+    return table
 
 
 def _short(value: Any, limit: int = 60) -> str:

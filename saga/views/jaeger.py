@@ -14,9 +14,19 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from saga.core.ids import trace_id_for
+from saga.runtime.traceids import trace_id_for
 
-__all__ = ["DEFAULT_JAEGER_URL", "TraceSpan", "fetch_trace", "trace_url", "waterfall"]
+__all__ = [
+    "DEFAULT_JAEGER_URL",
+    "TraceSpan",
+    "WaterfallRow",
+    "fetch_trace",
+    "orphans",
+    "trace_millis",
+    "trace_url",
+    "waterfall",
+    "waterfall_rows",
+]
 
 DEFAULT_JAEGER_URL = os.environ.get("SAGA_JAEGER_URL", "http://127.0.0.1:16686")
 """Jaeger's query address: ``SAGA_JAEGER_URL`` or the local stack's."""
@@ -86,10 +96,26 @@ def fetch_trace(
     return sorted(spans, key=lambda x: (x.parent_id is not None, x.start_us, x.name))
 
 
-def waterfall(spans: list[TraceSpan], width: int = 48) -> str:
-    """Spans as indented rows with bars on a shared time axis."""
+@dataclass(frozen=True, slots=True)
+class WaterfallRow:
+    """One span placed on the waterfall's time axis."""
+
+    span: TraceSpan
+    depth: int
+    """How deep it sits under the root (its label is indented by this)."""
+    left: int
+    """Columns of the axis before its bar starts."""
+    size: int
+    """Columns its bar takes (at least one)."""
+    undoes: str | None
+    """For a compensation linked to the step it undoes: that step's span name (``""`` if the
+    linked span is not in the trace); ``None`` for every other span."""
+
+
+def waterfall_rows(spans: list[TraceSpan], width: int = 48) -> list[WaterfallRow]:
+    """Places the spans, in their order, on a time axis ``width`` columns wide."""
     if not spans:
-        return "(no spans)"
+        return []
     t0 = min(s.start_us for s in spans)
     t1 = max(s.start_us + s.duration_us for s in spans)
     scale = width / max(1, t1 - t0)
@@ -103,21 +129,44 @@ def waterfall(spans: list[TraceSpan], width: int = 48) -> str:
             d += 1
         return d
 
-    rows = [f"trace of {(t1 - t0) / 1000:.1f} ms, {len(spans)} spans"]
+    rows = []
     for s in spans:
-        left = int((s.start_us - t0) * scale)
-        size = max(1, int(s.duration_us * scale))
-        bar = " " * left + ("!" if s.error else "=") * size
-        label = "  " * depth(s) + s.name
-        undo = ""
+        undoes = None
         if s.links and s.name.startswith("compensate"):
             target = by_id.get(s.links[0])
-            undo = f"  (undoes {target.name})" if target else "  (undoes a step)"
+            undoes = target.name if target else ""
+        left = int((s.start_us - t0) * scale)
+        rows.append(WaterfallRow(s, depth(s), left, max(1, int(s.duration_us * scale)), undoes))
+    return rows
+
+
+def trace_millis(spans: list[TraceSpan]) -> float:
+    """Milliseconds from the first span's start to the last span's end."""
+    if not spans:
+        return 0.0
+    return (max(s.start_us + s.duration_us for s in spans) - min(s.start_us for s in spans)) / 1000
+
+
+def orphans(spans: list[TraceSpan]) -> list[TraceSpan]:
+    """Spans whose parent is not in the trace (yet: spans are exported in batches)."""
+    ids = {s.span_id for s in spans}
+    return [s for s in spans if s.parent_id and s.parent_id not in ids]
+
+
+def waterfall(spans: list[TraceSpan], width: int = 48) -> str:
+    """Spans as indented rows with bars on a shared time axis."""
+    if not spans:
+        return "(no spans)"
+    rows = [f"trace of {trace_millis(spans):.1f} ms, {len(spans)} spans"]
+    for r in waterfall_rows(spans, width):
+        s = r.span
+        bar = " " * r.left + ("!" if s.error else "=") * r.size
+        label = "  " * r.depth + s.name
+        undo = "" if r.undoes is None else f"  (undoes {r.undoes or 'a step'})"
         rows.append(
             f"{s.service[:16]:<16} {label[:40]:<40} |{bar:<{width}}| "
             f"{s.duration_us / 1000:8.1f} ms{undo}"
         )
-    orphans = [s for s in spans if s.parent_id and s.parent_id not in by_id]
-    if orphans:
-        rows.append(f"({len(orphans)} spans whose parent is not in the trace yet)")
+    if missing := orphans(spans):
+        rows.append(f"({len(missing)} spans whose parent is not in the trace yet)")
     return "\n".join(rows)

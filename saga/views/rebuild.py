@@ -17,6 +17,11 @@ still running a snapshot read later may be ahead of the log read earlier, and a 
 snapshot but no events yet. Such a difference counts as a mismatch only if the log has not grown
 with that saga since it was read; if it has, the snapshot version at the rebuilt ``seq`` is
 compared where the topic still holds it, and otherwise the saga is reported as unverified.
+
+This is the one fold that does not go through `saga.core.replay.Replay`, because it checks
+what `Replay` trusts: an event whose ``seq`` is not past its saga's state is passed over by the
+replay (a snapshot holds it) but is an illegal event here, reported with `evolve`'s reason; and
+continuing a window needs every stored version of a snapshot, not only the latest.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from saga.core.codec import decode
-from saga.core.messages import Checkpoint, EventBase, Snapshot, event_adapter
+from saga.core.messages import EventBase, Snapshot, event_adapter, snapshot_adapter
+from saga.core.replay import is_saga_key
 from saga.core.state import SagaState, evolve
 from saga.errors import DecodeError, IllegalTransition
 from saga.runtime.ports import Record, Topics, Transport
@@ -43,11 +49,7 @@ __all__ = [
     "diff",
     "parse_time",
     "rebuild",
-    "snapshot_adapter",
 ]
-
-snapshot_adapter: TypeAdapter[Snapshot | Checkpoint] = TypeAdapter(Snapshot | Checkpoint)
-"""Decodes a record of the snapshots topic: a saga's `Snapshot` or a partition's `Checkpoint`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,8 +271,9 @@ class _Run:
 
     async def read_snapshots(self, p: int) -> None:
         async for record in self.transport.read(self.topics.snapshots, p):
-            if record.key is None or record.key.startswith(b"__"):
+            if not is_saga_key(record.key):
                 continue  # per-partition checkpoints, not sagas
+            assert record.key is not None
             saga_id = record.key.decode(errors="replace")
             if record.value is None:
                 self.latest.pop(saga_id, None)

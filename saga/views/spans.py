@@ -31,6 +31,7 @@ from saga.core.messages import (
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    StepEvent,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
@@ -42,7 +43,7 @@ from saga.core.messages import (
 from saga.core.state import SagaState, evolve
 from saga.errors import IllegalTransition
 
-__all__ = ["Attempt", "Marker", "Outcome", "SagaSpans", "StepRow", "Wait", "spans"]
+__all__ = ["Attempt", "Marker", "Outcome", "SagaSpans", "StepRow", "Wait", "spans", "step_of"]
 
 Outcome = Literal["succeeded", "failed", "timed_out", "stuck", "running"]
 """How an attempt ended (``running``: it had not ended when the events stop)."""
@@ -218,9 +219,9 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
         kind = type(e)
         if kind in _SAGA_MARKS:
             label = _SAGA_MARKS[kind]
-            reason = getattr(e, "reason", None)
+            reason = e.reason if isinstance(e, SagaAborted | SagaStuck | CancelRejected) else None
             text = f"{label}: {reason}" if reason else label
-            markers.append(Marker(at, str(getattr(e, "type", kind.__name__)), text))
+            markers.append(Marker(at, e.type, text))
     end = events[-1].at
     for (name, phase), slot in open_.items():
         if slot.attempt is not None:
@@ -238,6 +239,16 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
         state=state,
         events=events,
     )
+
+
+def step_of(event: EventBase) -> str | None:
+    """The step an event is about: a step event's, or the step whose failure caused an abort.
+
+    Views show it in a column of its own, so an abort's step is shown there too.
+    """
+    if isinstance(event, StepEvent | SagaAborted):
+        return event.step
+    return None
 
 
 def _fold(events: Sequence[EventBase]) -> SagaState | None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import orjson
 
-from saga.core.messages import EventBase
-from saga.views.spans import Attempt, SagaSpans, StepRow, Wait, spans
+from saga.core.messages import EventBase, StepEvent
+from saga.views.spans import Attempt, SagaSpans, StepRow, Wait, spans, step_of
 
 __all__ = ["page", "write_page"]
 
@@ -264,11 +264,11 @@ def _table(sp: SagaSpans) -> str:
         detail = orjson.dumps(data).decode() if data else ""
         if len(detail) > 400:
             detail = detail[:397] + "..."
-        attempt = getattr(e, "attempt", None)
+        attempt = e.attempt if isinstance(e, StepEvent) else None
         out.append(
             f'<tr><td class="num">{e.seq}</td><td>{_wall(e.at)}</td>'
-            f'<td class="num">{e.at - sp.start:.3f}</td><td>{escape(str(getattr(e, "type", "")))}'
-            f"</td><td>{escape(getattr(e, 'step', None) or '')}</td>"
+            f'<td class="num">{e.at - sp.start:.3f}</td><td>{escape(e.type)}'
+            f"</td><td>{escape(step_of(e) or '')}</td>"
             f'<td class="num">{"" if attempt is None else attempt}</td>'
             f'<td class="detail">{_esc(detail)}</td></tr>'
         )

@@ -6,14 +6,14 @@ only some). It tails with the transport port alone: every ``interval`` it reads 
 from where it stopped to the current end (`Transport.read`), which works the same on the memory
 transport and on Kafka.
 
-Folding needs each saga's state before the first event it reads. From the start of the log
-(``from_start``) every saga begins with its ``saga_started``. From the end, the watcher does what
-a coordinator does on recovery: it loads the snapshots, then reads the log from each partition's
-checkpoint, skipping events the snapshots already hold; only what comes after is shown.
+Folding is `saga.core.replay.Replay`'s, as on a coordinator's recovery. From the start of the
+log (``from_start``) every saga begins with its ``saga_started``. From the end, the watcher
+feeds the fold the snapshots, then the log from each partition's checkpoint (events the
+snapshots already hold are passed over); only what comes after is shown.
 
-Output: on a terminal, a frame redrawn in place (ANSI) with a progress bar per active saga and
-totals by status; elsewhere, one line per folded event and the totals at the end; with
-``as_json``, one JSON object per folded event.
+Output: on a terminal, a frame redrawn in place with a progress bar per active saga and totals
+by status (drawn with `rich`); elsewhere, one line per folded event and the totals at the end;
+with ``as_json``, one JSON object per folded event.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ from typing import TextIO
 
 import anyio
 import orjson
+from rich.console import Console, Group, RenderableType
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
-from saga.core.codec import decode
-from saga.core.messages import EventBase, Snapshot, event_adapter
-from saga.core.state import SagaState, SagaStatus, StepStatus, evolve
-from saga.errors import DecodeError, IllegalTransition
+from saga.core.messages import EventBase
+from saga.core.replay import Replay
+from saga.core.state import SagaState, SagaStatus, StepStatus
 from saga.runtime.ports import Record, Topics, Transport
-from saga.views.rebuild import snapshot_adapter
+from saga.views.spans import step_of
+from saga.views.styles import add_row, status_style
 
 __all__ = ["Progress", "watch"]
 
@@ -53,31 +57,27 @@ _BUSY = frozenset(
 class Progress:
     """What the watcher knows: every saga's state and what it saw happen."""
 
-    states: dict[str, SagaState] = field(default_factory=dict)
+    replay: Replay[Record] = field(default_factory=Replay[Record])
+    """The fold of what was read."""
     events: int = 0
     """Events folded since the watch began (catching up from a checkpoint not counted)."""
     finished: int = 0
     """Sagas that reached a final status since the watch began."""
-    unfoldable: int = 0
-    """Events that could not be folded (their saga's start precedes what was read, or illegal)."""
     started_at: float = 0.0
     """`anyio.current_time` when the watch began."""
+    caught_up: int = 0
+    """Records the fold could not use while catching up (not counted in `unfoldable`)."""
 
-    def fold(self, event: EventBase) -> SagaState | None:
-        """Folds one event; returns the new state, or ``None`` if the event was not used."""
-        state = self.states.get(event.saga_id)
-        if state is not None and event.seq <= state.seq:
-            return None  # already in the snapshot we started from
-        if state is None and event.seq != 1:
-            self.unfoldable += 1
-            return None
-        try:
-            new = evolve(state, event)
-        except IllegalTransition:
-            self.unfoldable += 1
-            return None
-        self.states[event.saga_id] = new
-        return new
+    @property
+    def states(self) -> dict[str, SagaState]:
+        """Every saga's state, by saga id."""
+        return self.replay.states
+
+    @property
+    def unfoldable(self) -> int:
+        """Log records that could not be used since the watch began: undecodable, or events
+        that do not follow their saga's state (e.g. its start precedes what was read)."""
+        return len(self.replay.unusable) - self.caught_up
 
     def totals(self) -> dict[str, int]:
         """Sagas per status, every status listed."""
@@ -129,29 +129,29 @@ async def watch(
         if not live and not as_json:
             active = sum(not s.is_final for s in progress.states.values())
             _write(out, f"watching {topics.log} from its end: {active} sagas in progress")
-    drawn = 0
+    frame = _Frame(out) if live else None
     last_event = anyio.current_time()
     while True:
         records = await _read_new(transport, topics.log, positions)
         folded = 0
         for record in records:
-            event = _decode(record)
-            state = progress.fold(event) if event is not None else None
-            if event is None or state is None:
+            found = progress.replay.add_log_record(record)
+            if found is None:
                 continue
+            event, state = found.event, found.state
             folded += 1
             progress.events += 1
             if state.is_final:
                 progress.finished += 1
             if as_json:
                 _write(out, orjson.dumps(_update(event, state)).decode())
-            elif not live:
+            elif frame is None:
                 _write(out, _line(event, state))
         now = anyio.current_time()
         if folded:
             last_event = now
-        if live and (folded or not drawn):
-            drawn = _redraw(out, _frame(progress, topics, limit, now), drawn)
+        if frame is not None and (folded or not frame.drawn):
+            frame.draw(_frame(progress, topics, limit, now))
         if until_idle is not None and now - last_event >= until_idle:
             break
         await anyio.sleep(interval)
@@ -164,28 +164,16 @@ async def watch(
 async def _catch_up(
     transport: Transport, topics: Topics, count: int, progress: Progress
 ) -> dict[int, int]:
-    """Loads the snapshots and folds the log after the checkpoints; returns the log's ends."""
-    checkpoints: dict[int, int] = {}
+    """Feeds the fold the snapshots, then the log after the checkpoints; returns the log's ends."""
+    replay = progress.replay
     starts = dict.fromkeys(range(await transport.partitions(topics.snapshots)), 0)
     for record in await _read_new(transport, topics.snapshots, starts):
-        if record.value is None:
-            if record.key is not None:
-                progress.states.pop(record.key.decode(errors="replace"), None)
-            continue
-        try:
-            item = decode(snapshot_adapter, record.value)
-            if isinstance(item, Snapshot):
-                progress.states[item.saga_id] = SagaState.model_validate(item.state)
-            else:
-                checkpoints[item.partition] = item.log_offset
-        except (DecodeError, ValueError):
-            continue  # a view shows what it can; `saga rebuild` reports bad records
-    positions = {p: checkpoints.get(p, 0) for p in range(count)}
+        replay.add_snapshot(record)  # a bad one is set aside; `saga rebuild` reports them
+    positions = {p: replay.start_offset(p) for p in range(count)}
     for record in await _read_new(transport, topics.log, positions):
-        event = _decode(record)
-        if event is not None:
-            progress.fold(event)
-    progress.unfoldable = 0  # sagas that began before the checkpoints are not a problem
+        replay.add_log_record(record)
+    # Sagas that began before the checkpoints, or records already bad, are not news.
+    progress.caught_up = len(replay.unusable)
     return positions
 
 
@@ -205,13 +193,6 @@ async def _read_new(transport: Transport, topic: str, positions: dict[int, int])
             positions[p] = found[p][-1].offset + 1
             records += found[p]
     return records
-
-
-def _decode(record: Record) -> EventBase | None:
-    try:
-        return decode(event_adapter, record.value)
-    except DecodeError:
-        return None  # shown nowhere here; `saga rebuild` lists undecodable records
 
 
 def _isatty(out: TextIO) -> bool:
@@ -238,8 +219,8 @@ def _update(event: EventBase, state: SagaState) -> dict[str, object]:
         "status": state.status.value,
         "percent": state.percent_complete(),
         "seq": event.seq,
-        "event": getattr(event, "type", None),
-        "step": getattr(event, "step", None),
+        "event": event.type,
+        "step": step_of(event),
         "current": _current(state),
         "at": event.at,
     }
@@ -247,17 +228,10 @@ def _update(event: EventBase, state: SagaState) -> dict[str, object]:
 
 def _line(event: EventBase, state: SagaState) -> str:
     at = datetime.fromtimestamp(event.at, UTC).strftime("%H:%M:%S.%f")[:-3]
-    kind = getattr(event, "type", "event")
-    step = getattr(event, "step", None) or ""
     return (
         f"{at}  {state.saga_id}  {state.name}  {state.status.value:<12} "
-        f"{state.percent_complete():>3}%  {kind} {step}".rstrip()
+        f"{state.percent_complete():>3}%  {event.type} {step_of(event) or ''}".rstrip()
     )
-
-
-def _bar(percent: int) -> str:
-    full = percent * _BAR // 100
-    return "[" + "#" * full + "-" * (_BAR - full) + "]"
 
 
 def _totals_line(progress: Progress) -> str:
@@ -270,28 +244,74 @@ def _rate_line(progress: Progress, now: float) -> str:
     )
 
 
-def _frame(progress: Progress, topics: Topics, limit: int, now: float) -> list[str]:
+def _plain(text: str) -> Text:
+    # One row of the frame: cut at the terminal's edge, never wrapped onto a second row.
+    return Text(text, no_wrap=True, overflow="crop")
+
+
+def _frame(progress: Progress, topics: Topics, limit: int, now: float) -> RenderableType:
     active = sorted(
         (s for s in progress.states.values() if not s.is_final), key=lambda s: s.started_at
     )
-    lines = [f"saga watch  {topics.log}  {len(active)} active  (Ctrl-C to stop)"]
-    for s in active[:limit]:
-        lines.append(
-            f"{s.saga_id[:16]:<16} {s.name[:12]:<12} {_bar(s.percent_complete())} "
-            f"{s.percent_complete():>3}%  {s.status.value:<12} {_current(s)}"
-        )
+    parts: list[RenderableType] = [
+        _plain(f"saga watch  {topics.log}  {len(active)} active  (Ctrl-C to stop)")
+    ]
+    if active[:limit]:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("saga", no_wrap=True, max_width=24)
+        table.add_column("name", no_wrap=True, max_width=12)
+        table.add_column("progress", no_wrap=True, min_width=_BAR)
+        table.add_column("done", justify="right", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        table.add_column("current", no_wrap=True, overflow="ellipsis")
+        for s in active[:limit]:
+            style = status_style(s.status.value)
+            add_row(
+                table,
+                s.saga_id,
+                s.name,
+                ProgressBar(
+                    total=100,
+                    completed=s.percent_complete(),
+                    width=_BAR,
+                    complete_style=style,
+                    finished_style=style,
+                ),
+                f"{s.percent_complete()}%",
+                Text(s.status.value, style=style),
+                _current(s),
+            )
+        parts.append(table)
     if len(active) > limit:
-        lines.append(f"... and {len(active) - limit} more")
-    lines += [_totals_line(progress), f"        {_rate_line(progress, now)}"]
-    return lines
+        parts.append(_plain(f"... and {len(active) - limit} more"))
+    parts += [_plain(_totals_line(progress)), _plain(f"        {_rate_line(progress, now)}")]
+    return Group(*parts)
 
 
-def _redraw(out: TextIO, lines: list[str], previous: int) -> int:
-    # Cursor up over the previous frame, then clear to the end of the screen: the frame is
-    # replaced in place without scrolling, and a shorter frame leaves no stale rows behind.
-    # Lines are cut to the terminal's width, as a wrapped line would break the count.
-    cols = shutil.get_terminal_size().columns - 1
-    prefix = f"\x1b[{previous}A\x1b[J" if previous else ""
-    out.write(prefix + "\n".join(line[:cols] for line in lines) + "\n")
-    out.flush()
-    return len(lines)
+class _Frame:
+    """The frame on the terminal, replaced in place at each draw.
+
+    `rich.live.Live` would do the drawing, but it also hides the cursor and clears row by
+    row, so ``saga watch``'s output would change for whoever reads it (tests, recordings); the
+    frame's contents are `rich`'s, and the redraw stays the one below.
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.drawn = 0
+        """Rows of the frame last drawn (0: none yet)."""
+
+    def draw(self, frame: RenderableType) -> None:
+        # Rows are cut one column short of the terminal's width: a row that filled it would
+        # wrap on some terminals and break the count of rows to go back over.
+        width = shutil.get_terminal_size().columns - 1
+        console = Console(file=self.out, force_terminal=True, width=width, highlight=False)
+        with console.capture() as captured:
+            console.print(frame)
+        text = captured.get()
+        # Cursor up over the previous frame, then clear to the end of the screen: the frame is
+        # replaced without scrolling, and a shorter frame leaves no stale rows behind.
+        prefix = f"\x1b[{self.drawn}A\x1b[J" if self.drawn else ""
+        self.out.write(prefix + text)
+        self.out.flush()
+        self.drawn = text.count("\n")

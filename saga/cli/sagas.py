@@ -1,0 +1,82 @@
+"""``saga start``, ``saga status`` and ``saga list``: start sagas and read their states."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import orjson
+from rich.console import Group
+from rich.text import Text
+
+from saga.cli import render
+from saga.cli.common import CliError, client, out, show_final, wait_final
+from saga.core.state import SagaStatus
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Adds the commands to the ``saga`` parser's subcommands."""
+    p = sub.add_parser("start", parents=[common], help="start a saga")
+    p.add_argument("name")
+    p.add_argument("--input", default="{}", help="the saga input as a JSON object")
+    p.add_argument("--id", dest="saga_id", help="the saga id (default: a new random id)")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the saga to end")
+    p.set_defaults(handler=_start)
+
+    p = sub.add_parser("status", parents=[common], help="show a saga's state")
+    p.add_argument("saga_id")
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser("list", parents=[common], help="list sagas")
+    p.add_argument("--status", choices=[s.value for s in SagaStatus])
+    p.set_defaults(handler=_list)
+
+
+async def _start(args: argparse.Namespace) -> int:
+    try:
+        data = orjson.loads(args.input)
+    except orjson.JSONDecodeError as exc:
+        raise CliError(
+            f"--input is not valid JSON ({exc}); pass an object like '{{\"a\": 1}}'"
+        ) from None
+    if not isinstance(data, dict):
+        raise CliError("--input must be a JSON object, like '{\"a\": 1}'")
+    async with client(args) as c:
+        saga_id = await c.start(args.name, data, args.saga_id)
+        if args.wait is None:
+            out(args, {"saga_id": saga_id}, saga_id)
+            return 0
+        state = await wait_final(c, saga_id, args.wait)
+    return show_final(args, state, frozenset({SagaStatus.COMPLETED}))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        state = await c.status(args.saga_id)
+    if state is None:
+        raise CliError(
+            f"no saga {args.saga_id!r} under prefix {args.prefix!r}: check the id and --prefix"
+        )
+    from saga.views.jaeger import trace_url
+
+    link = trace_url(state.saga_id)
+    data = {**state.model_dump(mode="json"), "trace_url": link}
+    line = f"trace     {link}"
+    view = Group(render.status_view(state), Text(""), Text(line))
+    out(args, data, f"{render.status(state)}\n\n{line}", view)
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    async with client(args) as c:
+        states = [s async for s in c.states() if not args.status or s.status == args.status]
+    states.sort(key=lambda s: s.started_at)
+    out(
+        args,
+        [render.summary_row(s) for s in states],
+        render.table(states),
+        render.table_view(states),
+    )
+    return 0

@@ -1,0 +1,86 @@
+"""``saga coordinator`` and ``saga participant``: run the engine's long-lived processes until
+SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+
+from saga.cli.common import CliError, definitions, load_app, transport
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Adds the commands to the ``saga`` parser's subcommands."""
+    p = sub.add_parser("coordinator", parents=[common], help="run a coordinator")
+    p.add_argument("--app", required=True, help="MODULE:ATTR naming definitions to run")
+    p.add_argument("--partitions", type=int, default=6, help="partitions for new topics")
+    p.set_defaults(handler=_coordinator)
+
+    p = sub.add_parser("participant", parents=[common], help="run a service's participant")
+    p.add_argument("--app", required=True, help="MODULE:ATTR naming a saga.Participant")
+    p.add_argument(
+        "--partitions", type=int, default=6, help="partitions if it creates its command topic"
+    )
+    p.set_defaults(handler=_participant)
+
+
+async def _serve_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    logging.getLogger("saga").info("shutting down")
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch_signals)
+        await run()
+        tg.cancel_scope.cancel()
+
+
+async def _coordinator(args: argparse.Namespace) -> int:
+    from saga.adapters.tracing import OpenTelemetryObserver
+    from saga.runtime.coordinator import Coordinator
+
+    observer = OpenTelemetryObserver.from_env("saga-coordinator")
+    coordinator = Coordinator(
+        definitions(args.app),
+        transport=transport(args),
+        prefix=args.prefix,
+        partitions=args.partitions,
+        observer=observer,
+    )
+    try:
+        await _serve_until_signalled(coordinator.run)
+    finally:
+        observer.shutdown()  # flushes the spans of the last transactions
+    return 0
+
+
+async def _participant(args: argparse.Namespace) -> int:
+    from saga.runtime.participant import Participant
+
+    participant = load_app(args.app)
+    if not isinstance(participant, Participant):
+        raise CliError(f"--app {args.app!r}: expected a saga.Participant")
+    from saga.adapters.tracing import OpenTelemetryObserver
+
+    observer = OpenTelemetryObserver.from_env(participant.service)
+    kafka = transport(args)
+    try:
+        await _serve_until_signalled(
+            lambda: participant.run(
+                kafka, prefix=args.prefix, partitions=args.partitions, observer=observer
+            )
+        )
+    finally:
+        observer.shutdown()
+    return 0
