@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TextIO
@@ -97,12 +98,13 @@ async def watch(
     out: TextIO | None = None,
     from_start: bool = False,
     until_idle: float | None = None,
+    until: Callable[[Progress], bool] | None = None,
     limit: int = 20,
     as_json: bool = False,
     interval: float = 0.5,
     tty: bool | None = None,
 ) -> Progress:
-    """Tails the log and shows progress until cancelled, or until idle.
+    """Tails the log and shows progress until cancelled, until idle, or until ``until`` holds.
 
     Args:
         transport: The broker.
@@ -110,6 +112,8 @@ async def watch(
         out: Where to write (standard output by default).
         from_start: Read the log from offset 0 instead of from its current end.
         until_idle: Return after this many seconds without a new event (``None``: never).
+        until: Return once this holds of what was seen (checked after each read of the log),
+            e.g. ``lambda p: p.finished >= n`` to watch until n sagas ended.
         limit: Most sagas drawn in the live frame.
         as_json: One JSON line per folded event instead of text.
         interval: Seconds between reads of the log.
@@ -153,6 +157,8 @@ async def watch(
         if frame is not None and (folded or not frame.drawn):
             frame.draw(_frame(progress, topics, limit, now))
         if until_idle is not None and now - last_event >= until_idle:
+            break
+        if until is not None and until(progress):
             break
         await anyio.sleep(interval)
     if not live and not as_json:

@@ -13,6 +13,18 @@ from tests.views.support import ORDERS, harness, run_orders
 
 pytestmark = pytest.mark.anyio
 
+class _Output(io.StringIO):
+    """Standard output for the watcher, telling when it first wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = anyio.Event()
+
+    def write(self, text: str) -> int:
+        self.written.set()
+        return super().write(text)
+
+
 FINAL = {"order-ok": "completed", "order-refused": "compensated", "order-plain": "completed"}
 
 
@@ -45,18 +57,25 @@ async def test_from_the_start_it_prints_every_update_and_the_final_statuses() ->
 async def test_from_the_end_it_shows_only_what_happens_while_it_watches() -> None:
     async with harness() as h:
         await run_orders(h, ["order-plain"])
-        out = io.StringIO()
+        out = _Output()
         async with anyio.create_task_group() as tg:
 
             async def watching() -> None:
+                # Until both sagas ended, not until idle: a pause between events on a busy
+                # machine must not end the watch early.
                 progress = await watch(
-                    h.transport, h.coordinator.topics, out=out, until_idle=1.0, interval=0.05
+                    h.transport,
+                    h.coordinator.topics,
+                    out=out,
+                    until=lambda p: p.finished >= 2,
+                    interval=0.05,
                 )
                 assert progress.finished == 2
                 assert progress.states["order-plain"].status.value == "completed"  # from snapshots
 
             tg.start_soon(watching)
-            await anyio.sleep(0.2)
+            with anyio.fail_after(10):  # the new sagas start once it has caught up
+                await out.written.wait()
             await run_orders(h, ["order-ok", "order-refused"])
 
     lines = out.getvalue().splitlines()
@@ -127,7 +146,7 @@ async def test_the_frame_shows_a_bar_per_active_saga_and_redraws_over_the_last_o
                     h.coordinator.topics,
                     out=out,
                     from_start=True,
-                    until_idle=0.3,
+                    until=lambda p: p.finished >= 1,
                     interval=0.05,
                     tty=True,
                 )
