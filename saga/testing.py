@@ -37,7 +37,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from saga.adapters.memory import MemoryBroker, MemoryTransport
-from saga.core.codec import decode
+from saga.core.codec import ENGINE_LIMITS, decode
 from saga.core.decide import next_due
 from saga.core.definition import SagaDefinition
 from saga.core.messages import Alert, EventBase, event_adapter
@@ -273,7 +273,7 @@ class SagaHarness:
         """The saga's events, read from the in-memory log."""
         key = saga_id.encode()
         return [
-            decode(event_adapter, r.value)
+            decode(event_adapter, r.value, ENGINE_LIMITS)
             for r in self.broker.records(self.coordinator.topics.log)
             if r.key == key
         ]

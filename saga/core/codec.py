@@ -1,8 +1,10 @@
 """Bytes to messages and back, with the bounds that keep a poison message from hurting anyone.
 
 Decoding is strict and bounded: at most `Limits.max_bytes` bytes, at most `Limits.max_depth`
-levels of nesting, a known schema version, no unknown fields. Every failure is a `DecodeError`
-with a short reason code, which the runtime records on the dead-letter topic with the raw bytes.
+levels of nesting, a known schema version, no unknown fields. Foreign input is read with
+`DEFAULT_LIMITS`, what the engine wrote itself with the wider `ENGINE_LIMITS`. Every failure is
+a `DecodeError` with a short reason code, which the runtime records on the dead-letter topic
+with the raw bytes.
 Encoding uses pydantic's serializer, which writes JSON bytes directly (no intermediate dict).
 """
 
@@ -17,7 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from saga.core.messages import SCHEMA_VERSION
 from saga.errors import DecodeError
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "decode", "encode"]
+__all__ = ["COMMAND_LIMITS", "DEFAULT_LIMITS", "ENGINE_LIMITS", "Limits", "decode", "encode"]
 
 T = TypeVar("T")
 
@@ -33,6 +35,22 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+"""The bounds on foreign input: requests, replies, and the commands a participant receives."""
+
+ENGINE_LIMITS = Limits(max_bytes=64 * 1_048_576, max_depth=2 * DEFAULT_LIMITS.max_depth)
+"""The bounds on what the engine wrote itself (the log and snapshots), read back by the
+coordinator, clients and views; a participant reads commands, which the coordinator builds from
+accepted input, with this depth and the foreign size bound (`COMMAND_LIMITS`).
+
+The engine nests what it accepted deeper when it stores it: a snapshot holds the state, which
+holds the input (two levels more) and each step's output (four more); a command's payload is a
+template over them. So these bounds are twice the foreign depth, which any accepted input fits
+once stored, and a size bound that only guards against garbage (the broker's own limit on a
+record is what really bounds it).
+"""
+
+COMMAND_LIMITS = Limits(max_bytes=DEFAULT_LIMITS.max_bytes, max_depth=ENGINE_LIMITS.max_depth)
+"""The bounds a participant reads commands with (see `ENGINE_LIMITS`)."""
 
 _KNOWN_VERSIONS = frozenset({SCHEMA_VERSION})
 

@@ -26,7 +26,7 @@ from typing import Generic, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from saga.core.codec import DEFAULT_LIMITS, Limits, decode
+from saga.core.codec import ENGINE_LIMITS, Limits, decode
 from saga.core.messages import Checkpoint, EventBase, event_adapter, snapshot_adapter
 from saga.core.state import SagaState, evolve
 from saga.errors import DecodeError, IllegalTransition
@@ -111,11 +111,11 @@ class Replay(Generic[R]):
     """A fold over snapshot and log records, fed one record at a time.
 
     Args:
-        limits: Decoding bounds. The engine's own records are read with these, so they must be
-            at least as wide as what the engine accepts and then writes (see `saga.core.codec`).
+        limits: Decoding bounds: the engine's own, by default (see `saga.core.codec`), since
+            every record the fold reads was written by the engine.
     """
 
-    limits: Limits = DEFAULT_LIMITS
+    limits: Limits = ENGINE_LIMITS
     states: dict[str, SagaState] = field(default_factory=dict)
     """The rebuilt state of every saga seen, by saga id."""
     checkpoints: dict[int, int] = field(default_factory=dict)

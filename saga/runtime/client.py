@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from saga.core.codec import decode, encode
+from saga.core.codec import ENGINE_LIMITS, decode, encode
 from saga.core.messages import (
     CancelSaga,
     EventBase,
@@ -225,7 +225,7 @@ class SagaClient:
         async for record in self.transport.read(self.topics.log, partition):
             if record.key == key:
                 try:
-                    found.append(decode(event_adapter, record.value))
+                    found.append(decode(event_adapter, record.value, ENGINE_LIMITS))
                 except DecodeError:
                     continue  # only the coordinator writes the log; it never writes junk
         if not found:

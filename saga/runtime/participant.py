@@ -51,7 +51,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import BaseModel
 
-from saga.core.codec import DEFAULT_LIMITS, Limits, decode, encode
+from saga.core.codec import COMMAND_LIMITS, Limits, decode, encode
 from saga.core.messages import Command, ErrorInfo, Reply, command_adapter
 from saga.errors import DecodeError, TransportError, UsageError
 from saga.runtime.dlq import DeadLetter
@@ -152,7 +152,9 @@ class Participant:
         store: Where outcomes are kept for deduplication (memory by default; use
             `saga.runtime.stores.SQLiteReplyStore` to survive restarts).
         concurrency: Most commands handled at once (across sagas) by one run.
-        limits: Decoding bounds for incoming commands.
+        limits: Decoding bounds for incoming commands (`saga.core.codec.COMMAND_LIMITS` by
+            default: commands are built by the coordinator from input it accepted, and nest
+            it deeper than the foreign bound allows).
     """
 
     def __init__(
@@ -161,7 +163,7 @@ class Participant:
         *,
         store: ReplyStore | None = None,
         concurrency: int = 64,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: Limits = COMMAND_LIMITS,
     ) -> None:
         if concurrency < 1:
             raise UsageError(f"participant {service!r}: concurrency must be at least 1")

@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
-from saga.core.codec import decode
+from saga.core.codec import ENGINE_LIMITS, decode
 from saga.core.messages import EventBase, Snapshot, event_adapter, snapshot_adapter
 from saga.core.replay import is_saga_key
 from saga.core.state import SagaState, evolve
@@ -279,7 +279,7 @@ class _Run:
                 self.latest.pop(saga_id, None)
                 continue
             try:
-                item = decode(snapshot_adapter, record.value)
+                item = decode(snapshot_adapter, record.value, ENGINE_LIMITS)
             except DecodeError as exc:
                 self.report.undecodable.append(_bad(record, str(exc)))
                 continue
@@ -297,7 +297,7 @@ def _decode_event(record: Record, report: RebuildReport) -> EventBase | None:
         report.undecodable.append(_bad(record, "empty value (a tombstone in the log)"))
         return None
     try:
-        return decode(event_adapter, record.value)
+        return decode(event_adapter, record.value, ENGINE_LIMITS)
     except DecodeError as exc:
         report.undecodable.append(_bad(record, str(exc)))
         return None

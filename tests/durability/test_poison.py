@@ -31,7 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from saga import SagaClient, SagaStatus
 from saga.adapters.kafka import KafkaTransport
-from saga.core.codec import Limits
+from saga.core.codec import ENGINE_LIMITS, Limits
 from saga.runtime.ports import Record, Topics
 from tests.chaos.app import SERVICES
 from tests.chaos.cluster import Cluster
@@ -126,15 +126,20 @@ def _command(saga_id: str, service: str, action: str, **fields: Any) -> dict[str
     }
 
 
-def _bad_bytes(topic: str, key: bytes, valid: dict[str, Any], big: int) -> list[Poison]:
-    """The decoding failures, built around one valid message of the topic."""
+def _bad_bytes(
+    topic: str, key: bytes, valid: dict[str, Any], big: int, depth: int = 40
+) -> list[Poison]:
+    """The decoding failures, built around one valid message of the topic (``depth``: a
+    nesting deeper than its reader accepts)."""
     raw = orjson.dumps(valid)
     return [
         Poison(topic, key, raw[: len(raw) // 2], "invalid_json", "truncated JSON"),
         Poison(topic, key, b'{"v": 1, "x": "\xff\xfe"}', "invalid_utf8", "invalid UTF-8"),
         Poison(topic, key, orjson.dumps({**valid, "v": 99}), "unknown_schema_version", "v=99"),
         Poison(topic, key, orjson.dumps({**valid, "sneaky": 1}), "invalid_message", "extra field"),
-        Poison(topic, key, orjson.dumps({**valid, "v": 1, "deep": _nested(40)}), "too_deep", "40"),
+        Poison(
+            topic, key, orjson.dumps({**valid, "v": 1, "deep": _nested(depth)}), "too_deep", "deep"
+        ),
         Poison(topic, key, orjson.dumps({**valid, "pad": "x" * big}), "too_large", f"{big} bytes"),
     ]
 
@@ -208,7 +213,9 @@ def poisons(transport: KafkaTransport, prefix: str, known: str, big: int) -> lis
     for service in SERVICES:
         topic = t.commands(service)
         elsewhere = next(s for s in SERVICES if s != service)
-        found += _bad_bytes(topic, ghost.encode(), _command(ghost, service, "a"), big)
+        # Commands are the engine's own records, read with its wider depth bound.
+        deep = ENGINE_LIMITS.max_depth + 8
+        found += _bad_bytes(topic, ghost.encode(), _command(ghost, service, "a"), big, deep)
         found += [
             Poison(
                 topic,
