@@ -19,6 +19,10 @@ TYPED := $(wildcard saga deploy services)
 
 KAFKA_PORT ?= 9092
 KAFKA_CONTROLLER_PORT ?= 9093
+# `make kafka-up BROKERS=3`: a KRaft cluster instead, node k on KAFKA_PORT + 2(k-1) and
+# KAFKA_CONTROLLER_PORT + 2(k-1) (9092/9093, 9094/9095, 9096/9097). `make kafka-down` stops
+# either.
+BROKERS ?= 1
 
 .PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench chaos clean
 
@@ -26,7 +30,8 @@ help:
 	@echo "make install      create .venv and install the project with its dev extras"
 	@echo "make deps         fetch Kafka and build Jaeger into the user cache (once)"
 	@echo "make kafka-up     start Kafka on 127.0.0.1:$(KAFKA_PORT) in the background"
-	@echo "make kafka-down   stop it"
+	@echo "                  (BROKERS=3: a 3-broker cluster on ports $(KAFKA_PORT), +2, +4)"
+	@echo "make kafka-down   stop it (the single broker or the cluster)"
 	@echo "make jaeger-up    start Jaeger (OTLP 4317/4318, UI http://127.0.0.1:16686)"
 	@echo "make jaeger-down  stop it"
 	@echo "make lint         ruff and mypy --strict"
@@ -49,10 +54,16 @@ deps: $(STAMP)
 	$(PY) -m deploy.compose install
 
 kafka-up: $(STAMP)
+ifeq ($(BROKERS),1)
 	$(PY) -m deploy.kafka up --port $(KAFKA_PORT) --controller-port $(KAFKA_CONTROLLER_PORT)
+else
+	$(PY) -m deploy.kafka_cluster up --brokers $(BROKERS) \
+		--port $(KAFKA_PORT) --controller-port $(KAFKA_CONTROLLER_PORT)
+endif
 
 kafka-down: $(STAMP)
 	$(PY) -m deploy.kafka down
+	$(PY) -m deploy.kafka_cluster down
 
 jaeger-up: $(STAMP)
 	$(PY) -m deploy.jaeger up
@@ -87,10 +98,17 @@ chaos: $(STAMP)
 	CHAOS_SAGAS=$(CHAOS_SAGAS) $(PY) -m pytest tests/chaos -q --timeout 1800
 
 # Benchmarks start their own throwaway broker and Jaeger; figures go to stdout as JSON lines.
+# The soak (bench/soak.py) runs a 2-minute and a SOAK_MINUTES run, about SOAK_MINUTES + 5
+# minutes in all; it writes bench/results/soak.json and bench/soak.png (matplotlib: the
+# `bench` extra).
+SOAK_MINUTES ?= 10
 bench: $(STAMP)
 	$(MAKE) --no-print-directory deps
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.bench_core
 	$(PY) -m bench.bench_engine --sagas 400 --window 50
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --window 200 --evict-after 30 \
+		--tombstone-after 60
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

@@ -151,11 +151,21 @@ def _java_argv(java: str, libs: Path, log4j: Path, main: str, *args: str) -> lis
     ]  # fmt: skip
 
 
-def _server_properties(port: int, controller_port: int, log_dirs: Path) -> str:
+def _server_properties(
+    port: int,
+    controller_port: int,
+    log_dirs: Path,
+    *,
+    node_id: int = 1,
+    voters: str | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> str:
+    """The text of server.properties: a single node unless `voters` names a controller quorum
+    (``id@host:port,...``) and `overrides` replaces the single node's replication settings."""
     props = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{LOOPBACK}:{controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters or f"{node_id}@{LOOPBACK}:{controller_port}",
         "listeners": f"PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{port}",
         "controller.listener.names": "CONTROLLER",
@@ -180,6 +190,7 @@ def _server_properties(port: int, controller_port: int, log_dirs: Path) -> str:
         "num.io.threads": "4",
         "background.threads": "4",
         "num.recovery.threads.per.data.dir": "1",
+        **(overrides or {}),
     }
     lines = ["# Written by deploy/kafka.py on every start; edits are overwritten."]
     lines += [f"{key}={value}" for key, value in props.items()]
@@ -307,6 +318,15 @@ class KafkaServer(LocalServer):
         """
         return _broker_ready(self.port, timeout)
 
+    def _config(self, log_dirs: Path) -> str:
+        """The text of server.properties; the brokers of a cluster (`deploy.kafka_cluster`)
+        override it."""
+        return _server_properties(self.port, self.controller_port, log_dirs)
+
+    def _cluster_id(self) -> str:
+        """The cluster id the data directory is formatted with, the first time only."""
+        return _random_cluster_id()
+
     def _prepare(self) -> list[str]:
         libs = fetch()
         java = require_tool("java", _JAVA_HINT)
@@ -314,12 +334,12 @@ class KafkaServer(LocalServer):
         log_dirs = self.data_dir / "logs"
         config = self.data_dir / "server.properties"
         log4j = self.data_dir / "log4j.properties"
-        config.write_text(_server_properties(self.port, self.controller_port, log_dirs))
+        config.write_text(self._config(log_dirs))
         log4j.write_text(_LOG4J)
         if not (log_dirs / "meta.properties").is_file():
             argv = _java_argv(
                 java, libs, log4j, "kafka.tools.StorageTool",
-                "format", "--ignore-formatted", "-t", _random_cluster_id(), "-c", str(config),
+                "format", "--ignore-formatted", "-t", self._cluster_id(), "-c", str(config),
             )  # fmt: skip
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
             if done.returncode != 0:

@@ -1,10 +1,11 @@
-"""Session fixtures for the real infrastructure: one Kafka broker and one Jaeger per run.
+"""Session fixtures for the real infrastructure: one Kafka broker, one 3-broker Kafka cluster
+and one Jaeger per run.
 
-Both start lazily, the first time a test asks for them, on free loopback ports, and stop when
+Each starts lazily, the first time a test asks for it, on free loopback ports, and stops when
 the session ends. When one cannot start (a missing JDK, a failed build, a port race, a crash
 during start-up) the fixture raises and every test that needs it errors with the cause and the
-server's log: infrastructure tests never skip, so a broken CI machine cannot pass by testing
-nothing.
+server's log (every broker's, for the cluster): infrastructure tests never skip, so a broken CI
+machine cannot pass by testing nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from deploy.jaeger import JaegerServer, start_jaeger
 from deploy.kafka import KafkaServer, start_kafka
+from deploy.kafka_cluster import KafkaCluster, start_kafka_cluster
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,18 @@ def kafka() -> Iterator[KafkaServer]:
 def bootstrap(kafka: KafkaServer) -> str:
     """The session broker's bootstrap string, e.g. "127.0.0.1:40123"."""
     return kafka.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[KafkaCluster]:
+    """A KRaft cluster of three combined broker-controller nodes on 127.0.0.1 (replication 3,
+    ``min.insync.replicas`` 2), shared by the whole session.
+
+    A test that kills, stops or pauses a broker brings it back before it ends, and waits until
+    `KafkaCluster.healthy`, so that the next test finds all three brokers in sync.
+    """
+    with start_kafka_cluster(brokers=3) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

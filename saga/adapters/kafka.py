@@ -68,6 +68,10 @@ class KafkaTransport:
     ) -> None:
         """Creates missing topics (replication factor 1 on a single broker, else 3 at most).
 
+        With three replicas a topic takes ``min.insync.replicas=2``: an ``acks=all`` write (every
+        send and transaction of the engine) is then on two brokers before it is acknowledged, and
+        one broker may fail without stopping writes. Otherwise the broker's default applies.
+
         Raises:
             TransportError: The broker could not be reached or refused (whatever failed).
         """
@@ -79,12 +83,16 @@ class KafkaTransport:
                 existing = set(await admin.list_topics())
                 brokers = len((await admin.describe_cluster())["brokers"])
                 replication = min(3, brokers)
+                durability = {"min.insync.replicas": "2"} if replication == 3 else {}
                 wanted = [
                     NewTopic(
                         name=n,
                         num_partitions=partitions,
                         replication_factor=replication,
-                        topic_configs={"cleanup.policy": "compact"} if n in compacted else {},
+                        topic_configs={
+                            **durability,
+                            **({"cleanup.policy": "compact"} if n in compacted else {}),
+                        },
                     )
                     for n in names
                     if n not in existing
