@@ -1,16 +1,41 @@
 """Calling a participant's handler: its context, its interceptors, and what its outcome means.
 
-A handler's outcome is classified in exactly one place, `invoke`: a result is a success (a
-dict, a pydantic model, or ``None`` for no output); `saga.StepFailed` is a business failure
-(final: the saga compensates); any other exception, including one from an interceptor and the
-deadline passing, is a technical failure (retried by the step's policy). Async handlers run in
-the event loop; plain ones in a worker thread, so that blocking calls do not stall other sagas.
+A handler's outcome is classified in exactly one place, `invoke`:
+
+- A result is a success once it passes the checks a reply needs: a dict, a pydantic model, or
+  ``None`` for no output; strict JSON (no NaN or infinity, bytes, arbitrary objects, keys that
+  are not strings, integers past 64 bits); nested no deeper than a reply may be; no larger
+  than the participant's reply limit. The output replied and stored is that JSON parsed back,
+  exactly what the coordinator will read. A result that fails a check is ``OutputInvalid`` or
+  ``OutputTooLarge``, a business failure: running the handler again would return the same, so
+  retrying is pointless, and the check happens here, before anything is sent or stored, because
+  an output that cannot be encoded used to crash the participant after the handler's effect,
+  which redelivered the command to run (and crash) again.
+- `saga.StepFailed` is a business failure (final: the saga compensates).
+- Any other exception, including one from an interceptor and the budget running out, is a
+  technical failure (retried by the step's policy). So are the exceptions no handler should
+  raise, but some do: ``KeyboardInterrupt``, ``SystemExit``, and a ``CancelledError`` of the
+  handler's own. They fail the attempt, instead of killing the participant before it commits
+  the offset (and so redelivering the command to the same fate). The participant's own
+  cancellation, its shutdown, is told apart from a handler's ``CancelledError`` by asking
+  whether an enclosing cancel scope was cancelled, and is never swallowed: structured
+  concurrency relies on it propagating.
+
+Error messages and details are cut short (`MAX_ERROR_MESSAGE`, `MAX_ERROR_DETAILS`); a reply
+that still does not fit is cut further by `smaller`, as `saga.runtime.outcomes` does.
+
+Async handlers run in the event loop; plain ones in a worker thread of a bounded pool (the
+participant's ``workers``), so that blocking calls stall neither other sagas nor the event
+loop. A plain handler is abandoned when its budget ends or the participant stops: its thread
+runs on to its end outside the pool, and what it returns is dropped (the attempt has failed
+with ``Timeout``, or the participant is gone, and the coordinator's deadline governs the step).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +45,7 @@ import anyio
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from saga.core.codec import DEFAULT_LIMITS
 from saga.core.messages import ErrorInfo
 from saga.errors import StepFailed
 
@@ -33,9 +59,18 @@ __all__ = [
     "Registered",
     "StepContext",
     "invoke",
+    "smaller",
 ]
 
 log = logging.getLogger("saga.participant")
+
+MAX_ERROR_MESSAGE = 4000
+"""Longest error message replied, in characters; a longer one is cut."""
+MAX_ERROR_DETAILS = 64 * 1024
+"""Largest error details replied, in bytes of JSON; larger ones are replaced by their size."""
+MAX_OUTPUT_DEPTH = DEFAULT_LIMITS.max_depth - 1
+"""Deepest output: the coordinator reads replies with `DEFAULT_LIMITS`, and a reply's output
+sits one level inside it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +88,8 @@ class StepContext:
     idempotency_key: str
     """Stable across retries of this step and phase: pass it to side effects."""
     deadline_at: float
-    """When the coordinator stops waiting for this attempt (seconds since the epoch)."""
+    """When this attempt's budget ends, on the participant's clock (seconds since the epoch):
+    the command's budget counted from when the participant took it."""
 
 
 HandlerResult: TypeAlias = dict[str, Any] | BaseModel | None
@@ -114,9 +150,25 @@ async def invoke(
     payload: dict[str, Any],
     ctx: StepContext,
     budget: float,
+    *,
+    workers: anyio.CapacityLimiter,
+    max_output_bytes: int,
 ) -> Outcome:
     """Calls the handler through the interceptors, within ``budget`` seconds, and classifies
-    what happened (see the module docstring)."""
+    what happened (see the module docstring).
+
+    Args:
+        registered: The handler.
+        interceptors: The participant's interceptors now (the last one outermost).
+        payload: The command's payload.
+        ctx: The handler's context.
+        budget: Seconds the call may take.
+        workers: The pool a plain (sync) handler takes a thread from.
+        max_output_bytes: The largest output, as JSON, that still fits a reply.
+
+    Raises:
+        BaseException: Only the cancellation of the participant itself.
+    """
     try:
         if registered.input_model is not None:
             try:
@@ -127,42 +179,151 @@ async def invoke(
                     f"{exc.errors()[0]['msg']}"
                 ) from None
         with anyio.fail_after(max(0.001, budget)):
-            result = await _chain(registered, interceptors)(payload, ctx)
+            result = await _chain(registered, interceptors, workers)(payload, ctx)
+        return True, _output(result, max_output_bytes), None
+    except _BadOutput as exc:
+        return False, None, ErrorInfo(type=exc.kind, message=exc.message, business=True)
     except StepFailed as exc:
         error = ErrorInfo(
-            type="StepFailed", message=exc.reason, business=True, details=_jsonable(exc.details)
+            type="StepFailed",
+            message=_text(exc.reason),
+            business=True,
+            details=_jsonable(exc.details),
         )
         return False, None, error
     except TimeoutError:
         return False, None, ErrorInfo(type="Timeout", message="the handler passed the deadline")
     except Exception as exc:
-        log.warning(
-            "%s/%s attempt %d failed: %r",
-            ctx.saga_id,
-            ctx.step,
-            ctx.attempt,
-            exc,
-            extra={"saga_id": ctx.saga_id, "step": ctx.step, "attempt": ctx.attempt},
-        )
-        return False, None, ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc))
+        return _technical(exc, ctx)
+    except BaseException as exc:
+        # An enclosing scope cancelled means the participant is stopping: that cancellation,
+        # whatever exception carries it, must reach the scope that asked for it. Otherwise the
+        # handler raised it on its own, and it is one more way for an attempt to fail.
+        if anyio.current_effective_deadline() == -math.inf:
+            raise
+        return _technical(exc, ctx)
+
+
+def smaller(outcome: Outcome) -> Outcome:
+    """A stand-in for an outcome whose reply is still too large to send.
+
+    A failure keeps its type and classification with its message cut short and no details;
+    a success (whose output fit, so the rest of the reply is what is large) becomes an
+    ``OutputTooLarge`` failure.
+    """
+    _, _, error = outcome
+    if error is not None:
+        return False, None, error.model_copy(update={"message": error.message[:200], "details": {}})
+    message = "the reply is larger than the participant may send"
+    return False, None, ErrorInfo(type="OutputTooLarge", message=message, business=True)
+
+
+class _BadOutput(Exception):
+    """A handler's result that cannot be replied: ``kind`` is the error type to reply with."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def _output(result: object, max_bytes: int) -> dict[str, Any]:
+    """The handler's result as the JSON object to reply with, or `_BadOutput` saying why not."""
     if isinstance(result, BaseModel):
-        return True, result.model_dump(mode="json"), None
-    if result is None:
-        return True, {}, None
+        try:
+            result = result.model_dump(mode="json")
+        except Exception as exc:
+            raise _BadOutput(
+                "OutputInvalid", f"the output does not serialise: {_text(exc)}"
+            ) from None
+    elif result is None:
+        return {}
     if not isinstance(result, dict):
-        message = f"handler returned {type(result).__name__}, not a dict"
-        return False, None, ErrorInfo(type="OutputInvalid", message=message)
-    return True, result, None
+        raise _BadOutput("OutputInvalid", f"handler returned {type(result).__name__}, not a dict")
+    try:
+        data = orjson.dumps(result)
+    except TypeError as exc:  # orjson's JSONEncodeError; also its recursion limit
+        raise _BadOutput("OutputInvalid", f"the output is not JSON: {exc}") from None
+    if len(data) > max_bytes:
+        message = f"the output is {len(data)} bytes of JSON; a reply may take at most {max_bytes}"
+        raise _BadOutput("OutputTooLarge", message)
+    # orjson writes NaN and the infinities as null, silently: look for them in the result
+    # itself (bounded: it just serialised into at most max_bytes).
+    if (where := _non_finite(result)) is not None:
+        raise _BadOutput("OutputInvalid", f"the output is not JSON: {where} is not finite")
+    output: dict[str, Any] = orjson.loads(data)
+    if _depth(output) > MAX_OUTPUT_DEPTH:
+        raise _BadOutput("OutputInvalid", f"the output nests deeper than {MAX_OUTPUT_DEPTH}")
+    return output
 
 
-def _chain(registered: Registered, interceptors: list[Interception]) -> CallNext:
+def _non_finite(value: object) -> str | None:
+    """Where ``value`` holds a NaN or an infinity (a path such as ``$.a[2]``), if anywhere."""
+    stack: list[tuple[object, str]] = [(value, "$")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON (an object or array counts one level)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _technical(exc: BaseException, ctx: StepContext) -> Outcome:
+    log.warning(
+        "%s/%s attempt %d failed: %r",
+        ctx.saga_id,
+        ctx.step,
+        ctx.attempt,
+        exc,
+        extra={"saga_id": ctx.saga_id, "step": ctx.step, "attempt": ctx.attempt},
+    )
+    message = _text(exc) or _text(repr(exc))
+    return False, None, ErrorInfo(type=type(exc).__name__, message=message)
+
+
+def _text(value: object) -> str:
+    """``str(value)``, cut to `MAX_ERROR_MESSAGE`; a ``__str__`` that raises gives the type."""
+    try:
+        text = str(value)
+    except Exception:
+        text = f"<{type(value).__name__} that cannot be shown>"
+    return text[:MAX_ERROR_MESSAGE]
+
+
+def _chain(
+    registered: Registered, interceptors: list[Interception], workers: anyio.CapacityLimiter
+) -> CallNext:
     """The handler, wrapped in the interceptors registered now (the last one outermost)."""
 
     async def handler(payload: dict[str, Any], ctx: StepContext) -> HandlerResult:
         if registered.is_async:
             return await cast(Awaitable[HandlerResult], registered.fn(payload, ctx))
         sync = cast(Callable[[dict[str, Any], StepContext], HandlerResult], registered.fn)
-        return await anyio.to_thread.run_sync(sync, payload, ctx)
+        # Abandoned on cancellation (its budget, or the participant stopping): a hung call
+        # must not hold up the participant, which cannot interrupt a thread anyway.
+        return await anyio.to_thread.run_sync(
+            sync, payload, ctx, abandon_on_cancel=True, limiter=workers
+        )
 
     call: CallNext = handler
     for interception in list(interceptors):
@@ -176,8 +337,12 @@ async def _intercepted(
     return await fn(payload, ctx, call_next)
 
 
-def _jsonable(details: dict[str, object]) -> dict[str, Any]:
+def _jsonable(details: object) -> dict[str, Any]:
     try:
-        return dict(orjson.loads(orjson.dumps(details, default=str)))
+        data = orjson.dumps(details, default=str)
     except TypeError:
-        return {"repr": repr(details)}
+        return {"repr": _text(repr(details))}
+    if len(data) > MAX_ERROR_DETAILS:
+        return {"truncated": True, "bytes": len(data)}
+    loaded = orjson.loads(data)
+    return loaded if isinstance(loaded, dict) else {"value": loaded}

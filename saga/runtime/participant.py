@@ -8,51 +8,84 @@ transport, the topic prefix, the observer, the clock) is given to `Participant.r
 `Participant.serving`, and nothing about the participant changes after it is built.
 
 While it runs, a participant is a member of the consumer group
-``<prefix>.participant.<service>`` on the service's command topic. For each polled batch it
-handles the commands of different sagas concurrently and the commands of one saga in order,
-sends every reply, and only then commits the batch's offsets. A crash before the commit
-redelivers the batch, so handling is at-least-once, and `ReplyStore` makes it effectively-once:
+``<prefix>.participant.<service>`` on the service's command topic. It polls on while handlers
+run, handles the commands of different sagas concurrently and the commands of one saga in
+order, and commits each partition's offset as far as every command before it was replied to
+(`saga.runtime.inflight`): a slow or hung handler holds up its own saga, not the service. A
+crash redelivers what was not committed, so handling is at-least-once, and `ReplyStore` makes
+it effectively-once:
 
 - Before running a handler the participant looks up the command's idempotency key. A stored
   outcome is replied again without running the handler.
-- Successes and business failures are stored under the key (they are final for the step).
-  Technical failures are stored under the key and the attempt: a retry (a new attempt) runs
-  the handler again, but a redelivery of the attempt that failed replays its failure, since the
-  coordinator may have given up on the step after it and would never undo a late effect.
+- An action's success or business failure is stored under the key (final for the step), and
+  so is a compensation's success. Other failures are stored under the key and the attempt: a
+  retry (a new attempt) runs the handler again, but a redelivery of the attempt that failed
+  replays its failure, since the coordinator may have given up on the step after it and would
+  never undo a late effect. A compensation's business failure is of this kind too: the
+  compensation keeps one key across operator retries, and the operator's retry of a stuck
+  compensation must run it again.
 - A compensation stores a marker for its step's action, so an action that arrives after its own
   compensation (a late retry) is refused instead of taking effect that nobody will undo.
 
-Calling a handler (its context, interceptors, worker threads for plain functions, and the
+Time. A command carries a budget, its step's timeout in seconds, and the participant counts it
+from when it took the command, on its own clocks: a participant whose clock disagrees with the
+coordinator's does not lose its budget to the difference. A command is answered ``Expired``
+without running when, by the time its handler would start, its budget is spent waiting in the
+participant (behind its saga's earlier commands, or for a free slot), or when it is older than
+its budget by the participant's own measure of lag: its clock at taking the command, less the
+command's ``at`` (the coordinator's clock when it issued it), exceeds the budget by more than
+``clock_skew``, the disagreement between clocks tolerated (the participant cannot tell lag from
+skew; 30 s by default). A command that sat in its topic while the service was down is thus
+refused rather than run with no time left, after the saga has moved on or given up. Commands
+written before budgets existed count ``deadline_at - at``, the same span. (A participant of an
+earlier release refuses a command that carries a budget, as a field it does not know: upgrade
+participants before coordinators.)
+
+Failures no handler should cause. An output that is not JSON or too large to send
+(``OutputInvalid``, ``OutputTooLarge``: permanent business failures, stored like any), and a
+handler raising ``KeyboardInterrupt``, ``SystemExit`` or a ``CancelledError`` of its own (a
+technical failure of the attempt), are replied to instead of killing the participant before its
+commit, which would redeliver the command to the same fate (`saga.runtime.handlers`). What is
+left is a handler that kills its process outright: each start of a handler that has no outcome
+yet is counted in the reply store before it runs (the count must outlive the process), and
+after ``max_deliveries`` starts the next delivery is dead-lettered (reason ``redelivered``) and
+answered ``Redelivered`` (technical), so that the saga moves on: it retries as a new attempt,
+with a fresh count, or exhausts its policy. These rules, in the order they apply, are
+`saga.runtime.outcomes`.
+
+Calling a handler (its context, interceptors, the worker pool for plain functions, and the
 classification of its outcome) is `saga.runtime.handlers`. The handler receives the idempotency
-key in its context, to pass on to side effects outside
-Kafka (a payment provider's idempotency header, a unique column): that closes the window
-between a side effect and the store's write.
+key in its context, to pass on to side effects outside Kafka (a payment provider's idempotency
+header, a unique column): that closes the window between a side effect and the store's write.
 
 Interceptors (`Participant.intercept`) wrap every handler call, inside the classification of
 its outcome: a `StepFailed` an interceptor raises is a business failure, any other exception a
 technical one, exactly as if the handler had raised it.
 
+Stopping. On cancellation the participant stops polling, gives the work in hand ``grace``
+seconds to finish, then cancels what still runs (a plain handler's thread is abandoned: its
+late result is dropped, and the coordinator's deadline governs), commits what finished, and
+leaves the group.
+
 A broker that cannot be reached is waited for, at start-up as while serving: every retriable
 `TransportError` (``TransportError.retriable``) is retried with a capped exponential backoff,
-and records of a batch not committed come again after a rewind to the committed offsets.
+and records not committed come again after a rewind to the committed offsets.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 from pydantic import BaseModel
 
-from saga.core.codec import COMMAND_LIMITS, Limits, decode, encode
-from saga.core.messages import Command, ErrorInfo, Reply, command_adapter
+from saga.core.codec import COMMAND_LIMITS, Limits, decode
+from saga.core.messages import command_adapter
 from saga.errors import DecodeError, TransportError, UsageError
 from saga.runtime.dlq import DeadLetter
 from saga.runtime.handlers import (
@@ -63,20 +96,11 @@ from saga.runtime.handlers import (
     Interceptor,
     Registered,
     StepContext,
-    invoke,
 )
+from saga.runtime.inflight import InFlight, Taken
 from saga.runtime.observe import NullObserver, Observer
-from saga.runtime.ports import (
-    Clock,
-    Consumer,
-    Outgoing,
-    Producer,
-    Record,
-    SystemClock,
-    TopicPartition,
-    Topics,
-    Transport,
-)
+from saga.runtime.outcomes import Outcomes, ParticipantStats, Rules
+from saga.runtime.ports import Clock, Consumer, Outgoing, Producer, SystemClock, Topics, Transport
 from saga.runtime.stores import MemoryReplyStore, ReplyStore
 
 __all__ = [
@@ -93,17 +117,6 @@ __all__ = [
 log = logging.getLogger("saga.participant")
 
 
-@dataclass
-class ParticipantStats:
-    """Counters of what this participant did since it was built (across its runs)."""
-
-    handled: int = 0
-    replayed: int = 0
-    business_failures: int = 0
-    technical_failures: int = 0
-    dead_letters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-
 @dataclass(frozen=True, slots=True)
 class _Deployment:
     """Where and how one `Participant.run` serves."""
@@ -114,6 +127,7 @@ class _Deployment:
     observer: Observer
     clock: Clock
     limiter: anyio.CapacityLimiter
+    outcomes: Outcomes
 
 
 class _Backoff:
@@ -155,6 +169,16 @@ class Participant:
         limits: Decoding bounds for incoming commands (`saga.core.codec.COMMAND_LIMITS` by
             default: commands are built by the coordinator from input it accepted, and nest
             it deeper than the foreign bound allows).
+        workers: Threads for plain (sync) handlers, per run; a plain handler waits for one.
+        grace: Seconds the work in hand may take to finish when the run is stopped.
+        max_deliveries: Most starts of a handler for one command (idempotency key and
+            attempt) that never reached an outcome; the next delivery is dead-lettered.
+        max_reply_bytes: Largest reply sent, headers included (900 KiB: under Kafka's default
+            ``max.message.bytes`` of 1 MiB, with room to spare); a larger output is answered
+            ``OutputTooLarge``.
+        clock_skew: Seconds by which this participant's clock may disagree with the
+            coordinator's before a command's age counts against its budget (see the module
+            docstring).
     """
 
     def __init__(
@@ -164,13 +188,31 @@ class Participant:
         store: ReplyStore | None = None,
         concurrency: int = 64,
         limits: Limits = COMMAND_LIMITS,
+        workers: int = 32,
+        grace: float = 10.0,
+        max_deliveries: int = 5,
+        max_reply_bytes: int = 900 * 1024,
+        clock_skew: float = 30.0,
     ) -> None:
-        if concurrency < 1:
-            raise UsageError(f"participant {service!r}: concurrency must be at least 1")
+        for name, value, least in [
+            ("concurrency", concurrency, 1),
+            ("workers", workers, 1),
+            ("max_deliveries", max_deliveries, 1),
+            ("max_reply_bytes", max_reply_bytes, 1024),
+            ("grace", grace, 0),
+            ("clock_skew", clock_skew, 0),
+        ]:
+            if value < least:
+                raise UsageError(f"participant {service!r}: {name} must be at least {least}")
         self.service = service
         self.store: ReplyStore = store or MemoryReplyStore()
         self.concurrency = concurrency
         self.limits = limits
+        self.workers = workers
+        self.grace = grace
+        self.max_deliveries = max_deliveries
+        self.max_reply_bytes = max_reply_bytes
+        self.clock_skew = clock_skew
         self.stats = ParticipantStats()
         self._handlers: dict[str, Registered] = {}
         self._interceptors: list[Interception] = []
@@ -181,9 +223,10 @@ class Participant:
         """Registers the decorated function for an action or compensation name.
 
         The function takes ``(payload, ctx)`` and returns the output (a dict, a pydantic model,
-        or ``None`` for no output). It may be ``async`` or a plain function; plain functions run
-        in a worker thread so that blocking calls do not stall other sagas. Raise
-        `saga.StepFailed` for a business failure; any other exception is a technical failure.
+        or ``None`` for no output), which must be JSON (``OutputInvalid`` otherwise). It may
+        be ``async`` or a plain function; plain functions run in a worker thread (of
+        ``workers``) so that blocking calls do not stall other sagas. Raise `saga.StepFailed`
+        for a business failure; any other exception is a technical failure.
 
         Raises:
             UsageError: A handler for ``action`` is registered already.
@@ -237,9 +280,9 @@ class Participant:
     ) -> None:
         """Serves on ``transport`` until cancelled.
 
-        Work in hand is finished and committed before it returns. A broker that cannot be
-        reached, at start-up or later, is waited for; only an error that retrying cannot help
-        (``TransportError.retriable`` false) ends the run.
+        Work in hand is finished (within ``grace`` seconds) and committed before it returns.
+        A broker that cannot be reached, at start-up or later, is waited for; only an error that
+        retrying cannot help (``TransportError.retriable`` false) ends the run.
 
         Args:
             transport: The broker.
@@ -251,13 +294,24 @@ class Participant:
             task_status: Set once the participant has joined its group (for
                 ``TaskGroup.start``).
         """
+        observer, clock = observer or NullObserver(), clock or SystemClock()
+        rules = Rules(self.service, self.max_deliveries, self.max_reply_bytes, self.clock_skew)
         d = _Deployment(
             transport=transport,
             topics=Topics(prefix),
             partitions=partitions,
-            observer=observer or NullObserver(),
-            clock=clock or SystemClock(),
+            observer=observer,
+            clock=clock,
             limiter=anyio.CapacityLimiter(self.concurrency),
+            outcomes=Outcomes(
+                rules,
+                self.store,
+                self.stats,
+                self._interceptors,
+                anyio.CapacityLimiter(self.workers),
+                clock,
+                observer,
+            ),
         )
         topic = d.topics.commands(self.service)
         group = d.topics.participant_group(self.service)
@@ -289,7 +343,7 @@ class Participant:
         """Serves in the background while the block runs (see `run` for the arguments).
 
         The block starts once the participant has joined its group; on exit, work in hand is
-        finished and committed.
+        finished (within ``grace`` seconds) and committed.
         """
         run = partial(
             self.run,
@@ -307,79 +361,49 @@ class Participant:
                 tg.cancel_scope.cancel()
 
     async def _consume(self, consumer: Consumer, d: _Deployment, backoff: _Backoff) -> None:
-        rewind: frozenset[TopicPartition] = frozenset()
+        rewind = False
         while True:
             try:
                 if rewind:
-                    await consumer.seek_to_committed(rewind)
-                    rewind = frozenset()
+                    await consumer.seek_to_committed(consumer.assignment())
+                    rewind = False
                 async with d.transport.producer() as producer:
-                    await self._serve(consumer, producer, d, backoff)
+                    flight = InFlight(
+                        consumer,
+                        d.clock,
+                        partial(self._handle, producer=producer, d=d),
+                        grace=self.grace,
+                        # Polling pauses at this many: memory stays bounded behind a hung saga.
+                        max_in_flight=8 * self.concurrency,
+                        on_commit=backoff.reset,
+                    )
+                    await flight.serve()
             except TransportError as exc:
                 if not exc.retriable:
                     raise
-                # The broker is away. Whatever of the batch in hand was not committed comes
-                # again after a rewind; the reply store turns the handlers' second run into a
-                # replay of the stored outcome.
-                rewind = consumer.assignment()
+                # The broker is away. Whatever was not committed comes again after a rewind;
+                # the reply store turns the handlers' second run into a replay of the stored
+                # outcome.
+                rewind = True
                 await backoff.wait(self.service, "the broker is away", exc)
-
-    async def _serve(
-        self, consumer: Consumer, producer: Producer, d: _Deployment, backoff: _Backoff
-    ) -> None:
-        while True:
-            records = await consumer.poll(0.5, 500)
-            if not records:
-                continue
-            # Shielded: a batch in hand is finished, replied to and committed even when
-            # shutdown is requested, so that a graceful stop leaves nothing half done.
-            with anyio.CancelScope(shield=True):
-                await self._handle_batch(records, producer, d)
-                offsets: dict[TopicPartition, int] = {}
-                for r in records:
-                    offsets[(r.topic, r.partition)] = r.offset + 1
-                await consumer.commit(offsets)
-            backoff.reset()
 
     # -- handling ----------------------------------------------------------------------------
 
-    async def _handle_batch(
-        self, records: list[Record], producer: Producer, d: _Deployment
-    ) -> None:
-        by_saga: dict[bytes | None, list[Record]] = defaultdict(list)
-        for r in records:
-            by_saga[r.key].append(r)
-
-        failures: list[TransportError] = []
-
-        async def run_group(group: list[Record]) -> None:
-            for r in group:
-                if failures:
-                    return  # the broker is away: the rest comes again after the rewind
-                async with d.limiter:
-                    out, dead = await self._handle_record(r, d)
-                # Sent before the next command of the same saga runs, so replies keep order.
-                try:
-                    await producer.send([out])
-                except TransportError as exc:
-                    failures.append(exc)
-                    return
-                if dead is not None:  # counted once written: a resend would count twice
-                    dead.log()
-                    self.stats.dead_letters[dead.reason] += 1
-                    d.observer.dead_lettered(dead.source_topic, dead.reason)
-
-        async with anyio.create_task_group() as tg:
-            for group in by_saga.values():
-                tg.start_soon(run_group, group)
-        if failures:
-            # One plain error, not an ExceptionGroup, so that `run` rewinds and rides it out.
-            raise failures[0]
+    async def _handle(self, taken: Taken, *, producer: Producer, d: _Deployment) -> None:
+        async with d.limiter:
+            out, dead = await self._handle_record(taken, d)
+        await producer.send(out)
+        if dead is not None:  # counted once written: a resend would count twice
+            dead.log()
+            self.stats.dead_letters[dead.reason] += 1
+            d.observer.dead_lettered(dead.source_topic, dead.reason)
 
     async def _handle_record(
-        self, record: Record, d: _Deployment
-    ) -> tuple[Outgoing, DeadLetter | None]:
-        """The record to send for ``record``: its reply, or its dead letter (also returned)."""
+        self, taken: Taken, d: _Deployment
+    ) -> tuple[list[Outgoing], DeadLetter | None]:
+        """The records to send for ``taken``: its reply, its dead letter, or both; and the dead
+        letter, if any."""
+        record = taken.record
         try:
             command = decode(command_adapter, record.value, self.limits)
         except DecodeError as exc:
@@ -392,89 +416,18 @@ class Participant:
             detail = f"service {self.service!r} has no handler for {command.action!r}"
             return self._dead(DeadLetter(record, "unknown_action", detail), d)
         with d.observer.handling(self.service, command, record.headers) as handling:
-            reply, replayed = await self._reply_for(command, registered, d)
+            outcome, replayed, dead = await d.outcomes.decide(command, registered, taken)
+            fitted = d.outcomes.fit(command, outcome)
+            if fitted is None:
+                detail = "even a cut-down reply is larger than max_reply_bytes"
+                return self._dead(DeadLetter(record, "reply_too_large", detail), d)
+            reply, value, headers = fitted
             handling.outcome(reply.ok, reply.error, replayed)
-            headers = d.observer.headers(reply)  # inside: it may carry the handling's context
-        return Outgoing(d.topics.replies, command.saga_id.encode(), encode(reply), headers), None
+        out = [Outgoing(d.topics.replies, command.saga_id.encode(), value, headers)]
+        if dead is not None:
+            out.append(dead.outgoing(d.topics.dlq))
+        return out, dead
 
     @staticmethod
-    def _dead(dead: DeadLetter, d: _Deployment) -> tuple[Outgoing, DeadLetter]:
-        return dead.outgoing(d.topics.dlq), dead
-
-    async def _reply_for(
-        self, command: Command, registered: Registered, d: _Deployment
-    ) -> tuple[Reply, bool]:
-        """The reply to ``command``, and whether it is a stored one replayed."""
-        key = command.idempotency_key
-        tried = _tried(key, command.attempt)
-        stored = await self.store.get(key) or await self.store.get(tried)
-        if stored is not None:
-            self.stats.replayed += 1
-            ok, output, error = stored
-            return self._reply(command, ok, output, error, d), True
-        undone = _undone(command.saga_id, command.step)
-        if command.phase == "action" and await self.store.get(undone) is not None:
-            error = ErrorInfo(
-                type="StepFailed",
-                business=True,
-                message="the step was compensated before this attempt arrived; not run",
-            )
-            return self._reply(command, False, None, error, d), False
-        ctx = StepContext(
-            saga_id=command.saga_id,
-            saga_name=command.saga_name,
-            step=command.step,
-            phase=command.phase,
-            action=command.action,
-            attempt=command.attempt,
-            idempotency_key=key,
-            deadline_at=command.deadline_at,
-        )
-        self.stats.handled += 1
-        budget = command.deadline_at - d.clock.now()
-        outcome = await invoke(registered, self._interceptors, command.payload, ctx, budget)
-        ok, output, error = outcome
-        if error is not None:
-            if error.business:
-                self.stats.business_failures += 1
-            else:
-                self.stats.technical_failures += 1
-        if ok or (error is not None and error.business):
-            await self.store.put(key, ok, output, error)
-        else:
-            # A technical failure is not final for the step (a later attempt runs the handler
-            # again), but it is for this attempt: the coordinator may have given up on the step
-            # after it, so a redelivery of the same attempt must not take effect unseen.
-            await self.store.put(tried, ok, output, error)
-        if ok and command.phase == "compensation":
-            await self.store.put(undone, True, None, None)
-        return self._reply(command, ok, output, error, d), False
-
-    def _reply(
-        self,
-        command: Command,
-        ok: bool,
-        output: dict[str, Any] | None,
-        error: ErrorInfo | None,
-        d: _Deployment,
-    ) -> Reply:
-        return Reply(
-            message_id=f"{command.message_id}/reply",
-            saga_id=command.saga_id,
-            step=command.step,
-            phase=command.phase,
-            attempt=command.attempt,
-            service=self.service,
-            ok=ok,
-            output=output if ok else None,
-            error=error,
-            at=d.clock.now(),
-        )
-
-
-def _tried(key: str, attempt: int) -> str:
-    return f"{key}#attempt-{attempt}"
-
-
-def _undone(saga_id: str, step: str) -> str:
-    return f"{saga_id}/{step}#compensated"
+    def _dead(dead: DeadLetter, d: _Deployment) -> tuple[list[Outgoing], DeadLetter]:
+        return [dead.outgoing(d.topics.dlq)], dead

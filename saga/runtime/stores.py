@@ -2,6 +2,12 @@
 
 `MemoryReplyStore` lives as long as the process; `SQLiteReplyStore` survives restarts and is
 what a service with a local SQLite database should use (ideally the same file as its own data).
+
+Besides outcomes, a store keeps counters (`ReplyStore.increment`): the participant counts each
+start of a handler that has no outcome yet, before it runs, so that a command whose handler
+kills its process every time is recognised after a few deliveries instead of looping forever.
+That count must outlive the process that crashed, which is why it lives in the store and not in
+the participant's memory; a durable store makes it durable.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ StoredReply = tuple[bool, dict[str, object] | None, ErrorInfo | None]
 
 
 class ReplyStore(Protocol):
-    """Outcomes by idempotency key."""
+    """Outcomes by idempotency key, and counters by name."""
 
     async def get(self, key: str) -> StoredReply | None:
         """The stored outcome for ``key``, if any."""
@@ -36,12 +42,20 @@ class ReplyStore(Protocol):
         """Stores the outcome for ``key`` (the first write wins)."""
         ...
 
+    async def increment(self, key: str) -> int:
+        """Adds one to the counter ``key`` (0 until then) and returns its new value.
+
+        Counters are apart from outcomes: `get` never returns one.
+        """
+        ...
+
 
 class MemoryReplyStore:
     """Outcomes in a dict: deduplicates within one process's lifetime."""
 
     def __init__(self) -> None:
         self._data: dict[str, StoredReply] = {}
+        self._counters: dict[str, int] = {}
 
     async def get(self, key: str) -> StoredReply | None:
         """The stored outcome for ``key``, if any."""
@@ -53,9 +67,15 @@ class MemoryReplyStore:
         """Stores the outcome for ``key`` (the first write wins)."""
         self._data.setdefault(key, (ok, output, error))
 
+    async def increment(self, key: str) -> int:
+        """Adds one to the counter ``key`` and returns its new value."""
+        self._counters[key] = n = self._counters.get(key, 0) + 1
+        return n
+
 
 class SQLiteReplyStore:
-    """Outcomes in a SQLite table (``saga_replies``), durable across restarts.
+    """Outcomes in a SQLite table (``saga_replies``), counters in another (``saga_counters``),
+    durable across restarts.
 
     Args:
         path: The database file; created if missing, readable and writable by its owner only
@@ -73,6 +93,11 @@ class SQLiteReplyStore:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS saga_replies ("
                 " key TEXT PRIMARY KEY, ok INTEGER NOT NULL, output BLOB, error BLOB)"
+            )
+            # Created here too for files of an older release, which have only saga_replies.
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS saga_counters ("
+                " key TEXT PRIMARY KEY, n INTEGER NOT NULL)"
             )
 
     def _connect(self) -> sqlite3.Connection:
@@ -110,6 +135,16 @@ class SQLiteReplyStore:
                 ),
             )
 
+    def _increment(self, key: str) -> int:
+        with self._connect() as db:  # one transaction: the upsert and the read agree
+            db.execute(
+                "INSERT INTO saga_counters (key, n) VALUES (?, 1)"
+                " ON CONFLICT (key) DO UPDATE SET n = n + 1",
+                (key,),
+            )
+            (n,) = db.execute("SELECT n FROM saga_counters WHERE key = ?", (key,)).fetchone()
+        return int(n)
+
     async def get(self, key: str) -> StoredReply | None:
         """The stored outcome for ``key``, if any."""
         return await anyio.to_thread.run_sync(self._get, key)
@@ -119,3 +154,7 @@ class SQLiteReplyStore:
     ) -> None:
         """Stores the outcome for ``key`` (the first write wins)."""
         await anyio.to_thread.run_sync(self._put, key, ok, output, error)
+
+    async def increment(self, key: str) -> int:
+        """Adds one to the counter ``key`` and returns its new value."""
+        return await anyio.to_thread.run_sync(self._increment, key)

@@ -1,0 +1,295 @@
+"""Commands in flight at a participant: polling on while handlers run, each saga's commands in
+order, offsets committed only as far as everything before them finished, a graceful stop.
+
+Theory of operation
+-------------------
+`InFlight.serve` runs these side by side until it is cancelled:
+
+- The *poller* takes records from the consumer and hands each to its saga's lane, so polling
+  goes on while handlers run: a slow handler holds up its own saga, not the service. It stops
+  taking records while ``max_in_flight`` of them are unfinished (back pressure, so memory stays
+  bounded).
+- The *committer* commits what may be committed as soon as a record finishes (a task of its
+  own, so that a commit neither waits for a poll to time out nor holds one up).
+- The *lanes*, one per record key (a command's key is its saga id) while the key has records
+  in hand: a lane handles its records one after the other in the order polled, which is offset
+  order (a saga's commands share a partition), so the commands of one saga run, and are
+  replied to, in order. Lanes run concurrently; the handling callback bounds how many handlers
+  run at once.
+
+Offsets. The records of one partition finish out of order, so each partition has a
+`PartitionOffsets`, and the committed offset moves past a record only once that record and
+every record taken before it in the partition have finished: it is the lowest unfinished
+offset, or one past the highest taken when none is unfinished (offsets need not be dense:
+transaction markers and compaction leave gaps). A crash then redelivers exactly the records not
+known to be finished, plus finished ones behind an unfinished one, which the reply store
+replays. A partition the consumer no longer owns (a rebalance) is forgotten: what is still in
+flight for it finishes, but is committed by nobody here, and its next owner starts from the
+committed offset.
+
+Stopping. The lanes run in a task group shielded from the caller's cancellation. When `serve`
+is cancelled, the poller and the committer stop, the lanes get ``grace`` seconds to finish the
+work in hand (every record already polled), the ones still running are cancelled then (a
+handler cut off this way has no outcome: no reply, no commit, and its record comes again to
+the partition's next owner), and what finished is committed. A poll, commit or handling that
+fails with a `TransportError` (the broker is away) stops everything the same way, except that
+the lanes stop before their next record and nothing more is committed; `serve` then raises
+that error, and the caller rewinds to the committed offsets and tries again: whatever was not
+committed comes again, and the reply store replays what had finished.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from saga.errors import TransportError
+from saga.runtime.ports import Clock, Consumer, Record, TopicPartition
+
+__all__ = ["Handle", "InFlight", "PartitionOffsets", "Taken"]
+
+log = logging.getLogger("saga.participant")
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A record as the participant took it from the consumer."""
+
+    record: Record
+    received: float
+    """When it was polled, on the event loop's clock (`anyio.current_time`): what budgets
+    count from, since that clock only moves forward."""
+    received_at: float
+    """When it was polled, on the participant's clock (seconds since the epoch)."""
+
+
+Handle: TypeAlias = Callable[[Taken], Awaitable[None]]
+"""Handles one record and sends what it leads to; returns once that is written.
+
+It may raise `TransportError` (the broker is away): the record stays unfinished."""
+
+
+class PartitionOffsets:
+    """The offsets of one partition taken and not yet finished, and how far to commit."""
+
+    def __init__(self) -> None:
+        # offset -> copies in hand: a rebalance that keeps the partition may rewind the
+        # consumer, and a record can then be taken again while its first copy still runs.
+        self._open: dict[int, int] = {}
+        self._heap: list[int] = []  # the open offsets, lowest first (finished ones linger)
+        self._end: int | None = None  # one past the highest offset taken
+
+    def take(self, offset: int) -> None:
+        """Notes ``offset`` as taken and unfinished."""
+        if offset not in self._open:
+            heapq.heappush(self._heap, offset)
+        self._open[offset] = self._open.get(offset, 0) + 1
+        self._end = offset + 1 if self._end is None else max(self._end, offset + 1)
+
+    def finish(self, offset: int) -> None:
+        """Notes one copy of ``offset`` as finished."""
+        left = self._open[offset] - 1
+        if left:
+            self._open[offset] = left
+        else:
+            del self._open[offset]
+
+    def commit_point(self) -> int | None:
+        """The offset to commit: the lowest unfinished one, else one past the highest taken
+        (``None`` before anything was taken)."""
+        while self._heap and self._heap[0] not in self._open:
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else self._end
+
+
+class InFlight:
+    """One serving session of a participant's consumer (see the module docstring).
+
+    Args:
+        consumer: The group member to poll and commit.
+        clock: The participant's clock (for `Taken.received_at`).
+        handle: What to do with each record.
+        grace: Seconds the work in hand may take to finish once stopping.
+        max_in_flight: Most records taken and not finished; polling pauses at this many.
+        on_commit: Called after each commit that moved an offset (the broker is reachable).
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        clock: Clock,
+        handle: Handle,
+        *,
+        grace: float,
+        max_in_flight: int,
+        on_commit: Callable[[], object],
+    ) -> None:
+        self._consumer = consumer
+        self._clock = clock
+        self._handle = handle
+        self._grace = grace
+        self._max_in_flight = max_in_flight
+        self._on_commit = on_commit
+        self._partitions: dict[TopicPartition, PartitionOffsets] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._lanes: dict[bytes | None, deque[tuple[Taken, PartitionOffsets]]] = {}
+        self._tg: TaskGroup | None = None
+        self._failure: TransportError | None = None
+        self._stopping = anyio.Event()
+        self._changed = anyio.Event()
+        self._finished = False  # a record finished since the committer last looked
+        self.unfinished = 0
+        """Records taken and neither finished nor given up."""
+
+    async def serve(self) -> None:
+        """Polls and handles until cancelled; then finishes the work in hand within the grace
+        period and commits what finished.
+
+        Raises:
+            TransportError: Polling, committing or a handling failed on the broker; what was
+                committed before stays committed, the rest comes again after a rewind.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._hold)
+                tg.start_soon(self._committer)
+                try:
+                    await self._poll()
+                except TransportError as exc:
+                    self._fail(exc)  # raised plain below, not in the task group's group
+                finally:
+                    self._stopping.set()
+                    tg.cancel_scope.cancel()  # the committer; the lanes are shielded
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._final_commit()
+        if self._failure is not None:
+            raise self._failure
+
+    # -- the poller --------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        while self._failure is None:
+            room = self._max_in_flight - self.unfinished
+            if room <= 0:
+                with anyio.move_on_after(0.5):
+                    await self._wait_for_change()
+                continue
+            records = await self._consumer.poll(0.5, min(500, room))
+            self._forget_revoked()  # the poll is where a rebalance takes effect
+            received, received_at = anyio.current_time(), self._clock.now()
+            for record in records:
+                self._take(Taken(record, received, received_at))
+
+    def _take(self, taken: Taken) -> None:
+        record = taken.record
+        tp = (record.topic, record.partition)
+        offsets = self._partitions.get(tp)
+        if offsets is None:
+            offsets = self._partitions[tp] = PartitionOffsets()
+        offsets.take(record.offset)
+        self.unfinished += 1
+        lane = self._lanes.get(record.key)
+        if lane is None:
+            lane = self._lanes[record.key] = deque()
+            assert self._tg is not None  # started before the poller
+            self._tg.start_soon(self._run_lane, record.key, lane)
+        lane.append((taken, offsets))
+
+    async def _committer(self) -> None:
+        while self._failure is None:
+            if not self._finished:
+                await self._wait_for_change()
+                continue
+            self._finished = False
+            try:
+                await self._commit()
+            except TransportError as exc:
+                self._fail(exc)
+
+    def _forget_revoked(self) -> None:
+        owned = self._consumer.assignment()
+        for tp in [tp for tp in self._partitions if tp not in owned]:
+            del self._partitions[tp]
+            self._committed.pop(tp, None)
+
+    async def _commit(self) -> None:
+        self._forget_revoked()  # a commit for a partition owned no more would fail
+        due: dict[TopicPartition, int] = {}
+        for tp, offsets in self._partitions.items():
+            point = offsets.commit_point()
+            # Never backwards: a rewound partition's point can drop below what was committed.
+            if point is not None and point > self._committed.get(tp, -1):
+                due[tp] = point
+        if due:
+            await self._consumer.commit(due)
+            # Only what is still tracked: a partition may have been forgotten meanwhile.
+            self._committed.update({tp: o for tp, o in due.items() if tp in self._partitions})
+            self._on_commit()
+
+    async def _final_commit(self) -> None:
+        if self._failure is not None:
+            # The broker is away: a commit would wait out its deadline before the caller can
+            # back off. What finished comes again after the rewind, and is replayed.
+            return
+        try:
+            await self._commit()
+        except TransportError as exc:
+            # Nothing lost: what is not committed comes again, and the reply store replays it.
+            log.warning("could not commit the last finished commands: %s", exc)
+
+    # -- the lanes ---------------------------------------------------------------------------
+
+    async def _hold(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Shielded: the caller's cancellation stops the poller; the work in hand gets its grace.
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await self._stopping.wait()
+                with anyio.move_on_after(self._grace):
+                    while self.unfinished:
+                        await self._wait_for_change()
+                tg.cancel_scope.cancel()
+
+    async def _run_lane(
+        self, key: bytes | None, lane: deque[tuple[Taken, PartitionOffsets]]
+    ) -> None:
+        try:
+            while lane and self._failure is None:
+                taken, offsets = lane[0]
+                try:
+                    await self._handle(taken)
+                except TransportError as exc:
+                    self._fail(exc)
+                    return
+                offsets.finish(taken.record.offset)
+                lane.popleft()
+                self.unfinished -= 1
+                self._finished = True
+                self._notify()
+        finally:
+            # What is left was not handled (the broker went away, or the grace period ended):
+            # it stays open in its partition, so it is not committed and comes again.
+            self.unfinished -= len(lane)
+            del self._lanes[key]
+            self._notify()
+
+    def _fail(self, exc: TransportError) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _wait_for_change(self) -> None:
+        await self._changed.wait()
