@@ -23,10 +23,13 @@ from saga.errors import (
     Fenced,
     IllegalTransition,
     SagaError,
+    SagaExists,
     SagaTimeout,
     StepFailed,
+    TopologyChanged,
     TransportError,
     UnknownSaga,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -69,6 +72,7 @@ __all__ = [
     "SagaClient",
     "SagaDefinition",
     "SagaError",
+    "SagaExists",
     "SagaState",
     "SagaStatus",
     "SagaTimeout",
@@ -78,6 +82,8 @@ __all__ = [
     "StepKind",
     "StepState",
     "StepStatus",
+    "TopologyChanged",
     "TransportError",
     "UnknownSaga",
+    "UsageError",
 ]

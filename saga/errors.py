@@ -7,6 +7,10 @@ The tree::
     ├── IllegalTransition        an event does not apply to the state it was given
     ├── DecodeError              bytes that are not a valid message (goes to the dead-letter topic)
     ├── UnknownSaga              no definition or no state for the name or id asked for
+    ├── SagaExists               a start under ``if_exists="refuse"`` for an id that exists
+    │                            with another name or input
+    ├── TopologyChanged          the topics' partition count is not the one the sagas were
+    │                            recorded under: the coordinator refuses to run
     ├── SagaTimeout              `Coordinator.wait` ran out of time
     ├── UsageError               the engine was called wrongly (also a ValueError): an invalid
     │                            saga id, a handler registered twice, a missing transport
@@ -29,8 +33,10 @@ __all__ = [
     "Fenced",
     "IllegalTransition",
     "SagaError",
+    "SagaExists",
     "SagaTimeout",
     "StepFailed",
+    "TopologyChanged",
     "TransportError",
     "UnknownSaga",
     "UsageError",
@@ -75,6 +81,43 @@ class DecodeError(SagaError):
 
 class UnknownSaga(SagaError):
     """No definition with that name, or no saga with that id."""
+
+
+class SagaExists(SagaError):
+    """A start with ``if_exists="refuse"`` for an id that already names a saga with another
+    name or input; nothing was written. (When two such starts race, the coordinator decides and
+    records the loser as a ``StartRefused`` event of the saga.)"""
+
+
+class TopologyChanged(SagaError):
+    """The topics have another partition count than the one the sagas were recorded under.
+
+    A saga's records are placed by the hash of its id modulo the partition count, so with
+    another count its requests and replies arrive on a partition that does not hold it:
+    in-flight replies would be dead-lettered, succeeded steps compensated and finished ids
+    started a second time. The coordinator refuses to run instead.
+
+    Attributes:
+        recorded: The count a checkpoint was written under.
+        current: The topics' count now.
+        partition: The partition whose checkpoint recorded ``recorded``.
+        prefix: The topic prefix.
+    """
+
+    def __init__(self, recorded: int, current: int, *, partition: int, prefix: str) -> None:
+        self.recorded = recorded
+        self.current = current
+        self.partition = partition
+        self.prefix = prefix
+        super().__init__(
+            f"the topics under prefix {prefix!r} have {current} partitions, but the checkpoint "
+            f"of partition {partition} was written with {recorded} partitions: sagas would move "
+            "to other partitions (in-flight replies dead-lettered, succeeded steps compensated, "
+            "finished ids started again), so the coordinator will not run. A count cannot be "
+            "changed in place: let every saga end, stop the coordinators and move to a new "
+            f"prefix created with the new count (saga coordinator --prefix NEW --partitions "
+            f"{current}); see the README, 'Limits stated plainly'"
+        )
 
 
 class SagaTimeout(SagaError):

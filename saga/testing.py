@@ -54,6 +54,7 @@ from saga.runtime.participant import (
     StepContext,
 )
 from saga.runtime.ports import Outgoing
+from saga.runtime.retention import Retention
 
 __all__ = ["SagaHarness", "VirtualClock"]
 
@@ -138,6 +139,7 @@ class SagaHarness:
         participants: The services' participants (their handlers are called for real).
         partitions: Partitions of the in-memory topics.
         observer: Given to the coordinator and to every participant (tracing, metrics).
+        retention: How long the coordinator keeps finished sagas (`saga.runtime.retention`).
     """
 
     def __init__(
@@ -147,8 +149,10 @@ class SagaHarness:
         *,
         partitions: int = 3,
         observer: Observer | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.broker = MemoryBroker(default_partitions=partitions)
+        self.retention = retention or Retention()
         self.clock = VirtualClock(on_advance=self.broker.wake)
         self.transport = MemoryTransport(self.broker)
         self.partitions = partitions
@@ -170,6 +174,8 @@ class SagaHarness:
             clock=self.clock,
             alert_hooks=[self._on_alert],
             observer=self.observer,
+            evict_after=self.retention.evict_after,
+            tombstone_after=self.retention.tombstone_after,
         )
 
     async def _on_alert(self, alert: Alert) -> None:

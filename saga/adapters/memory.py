@@ -37,8 +37,13 @@ class _Group:
 class MemoryBroker:
     """The broker's whole state: topics, groups, transactional epochs."""
 
-    def __init__(self, default_partitions: int = 3) -> None:
+    def __init__(
+        self, default_partitions: int = 3, *, max_message_bytes: int | None = None
+    ) -> None:
         self.default_partitions = default_partitions
+        self.max_message_bytes = max_message_bytes
+        """Like Kafka's ``message.max.bytes``: a larger record fails its send or transaction
+        (``None``: no limit)."""
         self.topics: dict[str, list[list[Record]]] = {}
         self.compacted: set[str] = set()
         self.groups: dict[str, _Group] = {}
@@ -48,9 +53,30 @@ class MemoryBroker:
         self.append_filters: list[Callable[[Outgoing], bool]] = []
         """Fault injection: a record that any of these returns false for is lost on its way in
         (not written, offset -1); add one to lose messages, remove it to stop."""
+        self.transaction_faults: list[Callable[[Sequence[Outgoing]], str | None]] = []
+        """Fault injection: a transaction for whose records any of these returns a reason is
+        aborted with a TransportError giving it."""
         self._changed = anyio.Event()
 
     # -- topics ------------------------------------------------------------------------------
+
+    def check_sizes(self, records: Sequence[Outgoing]) -> None:
+        """Refuses a write holding a record over `max_message_bytes`, as Kafka does.
+
+        Raises:
+            TransportError: Not retriable: the same write would fail again.
+        """
+        if self.max_message_bytes is None:
+            return
+        for r in records:
+            size = len(r.key or b"") + len(r.value or b"")
+            if size > self.max_message_bytes:
+                error = TransportError(
+                    f"record too large for {r.topic}: {size} bytes, the broker takes "
+                    f"{self.max_message_bytes}"
+                )
+                error.retriable = False
+                raise error
 
     def ensure(self, topic: str, partitions: int | None = None) -> list[list[Record]]:
         """The partitions of ``topic``, created on first use."""
@@ -184,6 +210,7 @@ class _MemoryProducer:
         self.broker = broker
 
     async def send(self, records: Sequence[Outgoing]) -> None:
+        self.broker.check_sizes(records)
         self.broker.append(records)
         await anyio.lowlevel.checkpoint()
 
@@ -207,6 +234,10 @@ class _MemoryTxProducer:
         if self.broker.fail_next_commits > 0:
             self.broker.fail_next_commits -= 1
             raise TransportError("injected fault: the transaction was aborted")
+        for fault in self.broker.transaction_faults:
+            if (reason := fault(records)) is not None:
+                raise TransportError(f"injected fault: the transaction was aborted: {reason}")
+        self.broker.check_sizes(records)
         result = self.broker.append(records)
         self.broker.groups.setdefault(group_id, _Group()).committed.update(offsets)
         return result

@@ -20,7 +20,13 @@ import anyio
 
 from saga.cli import inspect, operate, sagas, serve
 from saga.cli.common import CliError, Handler, common_options, load_app
-from saga.errors import DefinitionError, TransportError, UnknownSaga
+from saga.errors import (
+    DefinitionError,
+    SagaExists,
+    TopologyChanged,
+    TransportError,
+    UnknownSaga,
+)
 
 __all__ = ["load_app", "main"]
 
@@ -68,7 +74,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             f"cannot reach Kafka at {args.bootstrap_servers} ({exc.__class__.__name__}): start "
             "it with `make kafka-up`, or pass --bootstrap-servers / set SAGA_KAFKA_BOOTSTRAP"
         ) from None
-    except UnknownSaga as exc:
+    except (UnknownSaga, TopologyChanged, SagaExists) as exc:
         raise CliError(str(exc)) from None
     except TransportError as exc:
         raise CliError(

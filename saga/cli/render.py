@@ -61,6 +61,8 @@ def status(state: SagaState) -> str:
         f"status    {state.status.value}  ({state.percent_complete()}% complete)",
         f"started   {_time(state.started_at)} UTC   updated {_time(state.updated_at)} UTC",
     ]
+    if state.digest:
+        lines.insert(2, f"digest    {state.digest}")
     if state.reason:
         lines.append(f"reason    {state.reason}")
     lines.append("")
@@ -78,6 +80,8 @@ def status_view(state: SagaState) -> RenderableType:
     value = state.status.value
     add_row(head, "saga", state.saga_id)
     add_row(head, "name", f"{state.name} v{state.version}")
+    if state.digest:
+        add_row(head, "digest", state.digest)
     add_row(
         head,
         "status",
@@ -130,6 +134,7 @@ def replay(events: Sequence[EventBase], width: int = 60) -> str:
     lines = [
         f"saga      {sp.saga_id}",
         f"name      {sp.name} v{sp.version}",
+        *([f"digest    {sp.state.digest}"] if sp.state and sp.state.digest else []),
         f"status    {sp.status}",
         f"span      {_day(sp.start)} {_time(sp.start)} -> {_time(sp.end)} UTC "
         f"({sp.duration:.3f}s, {len(events)} events)",
@@ -159,6 +164,8 @@ def replay_view(events: Sequence[EventBase], width: int = 60) -> RenderableType:
     head.add_column()
     add_row(head, "saga", sp.saga_id)
     add_row(head, "name", f"{sp.name} v{sp.version}")
+    if sp.state and sp.state.digest:
+        add_row(head, "digest", sp.state.digest)
     add_row(head, "status", Text(sp.status, style=status_style(sp.status)))
     add_row(
         head,
@@ -229,12 +236,15 @@ _SAGA_GLYPH = {
     "saga_stuck": "S",
     "saga_resumed": "R",
     "cancel_rejected": "c",
+    "saga_rejected": "X",
+    "start_ignored": "d",
+    "start_refused": "D",
 }
 _LEGEND = [
     "legend: = action attempt   . retry wait   > succeeded   x failed   ? timed out",
     "        ! stuck   < compensating   ] compensated   o failed/resolved without an attempt",
     "        saga: * started  A aborted  C completed  K compensated  S stuck  R resumed",
-    "              c cancel rejected",
+    "              c cancel rejected  X start rejected  d duplicate start  D duplicate refused",
 ]
 
 

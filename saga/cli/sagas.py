@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ from rich.text import Text
 from saga.cli import render
 from saga.cli.common import CliError, client, out, show_final, wait_final
 from saga.core.state import SagaStatus
+from saga.errors import SagaExists
 
 __all__ = ["add_commands"]
 
@@ -23,6 +25,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default="{}", help="the saga input as a JSON object")
     p.add_argument("--id", dest="saga_id", help="the saga id (default: a new random id)")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the saga to end")
+    p.add_argument(
+        "--if-exists",
+        choices=["return", "refuse"],
+        default="return",
+        help="when the id names a saga already: keep it and change nothing (return, the "
+        "default), or refuse a request with another name or input (refuse)",
+    )
     p.set_defaults(handler=_start)
 
     p = sub.add_parser("status", parents=[common], help="show a saga's state")
@@ -44,12 +53,32 @@ async def _start(args: argparse.Namespace) -> int:
     if not isinstance(data, dict):
         raise CliError("--input must be a JSON object, like '{\"a\": 1}'")
     async with client(args) as c:
-        saga_id = await c.start(args.name, data, args.saga_id)
+        # A rejected saga is final; a new start of its id must not be answered by it.
+        before = await c.status(args.saga_id) if args.saga_id and args.wait is not None else None
+        after = before.seq if before is not None and before.status is SagaStatus.REJECTED else 0
+        try:
+            saga_id = await c.start(args.name, data, args.saga_id, if_exists=args.if_exists)
+        except SagaExists as exc:
+            raise CliError(str(exc)) from None
         if args.wait is None:
             out(args, {"saga_id": saga_id}, saga_id)
             return 0
-        state = await wait_final(c, saga_id, args.wait)
-    return show_final(args, state, frozenset({SagaStatus.COMPLETED}))
+        state = await wait_final(c, saga_id, args.wait, after=after)
+    code = show_final(args, state, frozenset({SagaStatus.COMPLETED}))
+    if state.status is SagaStatus.REJECTED:
+        print(f"saga: saga {saga_id!r} was rejected: {state.reason}", file=sys.stderr)
+    elif state.name != args.name or state.input != data:
+        # The id named another saga: under "return" its end is shown, under "refuse" the
+        # coordinator refused this request (two starts raced past the client's check).
+        verdict = "refused" if args.if_exists == "refuse" else "kept"
+        print(
+            f"saga: saga {saga_id!r} already existed with another name or input; this start "
+            f"was {verdict} (--if-exists {args.if_exists}) and the existing saga is shown",
+            file=sys.stderr,
+        )
+        if args.if_exists == "refuse":
+            return 1
+    return code
 
 
 async def _status(args: argparse.Namespace) -> int:

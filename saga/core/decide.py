@@ -13,8 +13,15 @@ It works in two parts:
 1. **React** to the input: a start request, a cancel, an operator retry, a participant's reply,
    or a `Tick` (the clock passed a step's deadline or retry time). Inputs that do not fit the
    saga (unknown step, a reply from the wrong service) are *rejected*, and the runtime sends them
-   to the dead-letter topic. Inputs that are valid but change nothing (a duplicate start, a
-   stale reply from an attempt already given up) are *ignored*, with the reason.
+   to the dead-letter topic. Inputs that are valid but change nothing (a stale reply from an
+   attempt already given up, a tick with nothing due) are *ignored*, with the reason.
+
+   A start is always answered in the log. One that cannot run (no definition of its name, an
+   input that does not fit) is recorded as a `SagaRejected` saga, final, with the reason; as
+   nothing ran, a later valid start of the id starts it. One for an id whose saga exists follows
+   the request's ``if_exists`` (the id-reuse policy): the existing saga is kept, and the request
+   is recorded as its `StartIgnored`, or as `StartRefused` under ``"refuse"`` when its name or
+   input differs. Neither needs the definition, nor changes the saga's status.
 2. **Advance** the saga to a fixpoint: abort when a step has failed for good; start every step
    whose dependencies allow it; compensate, in reverse dependency order, the steps whose
    dependents are all settled; end the saga when nothing is left to do.
@@ -54,16 +61,21 @@ from saga.core import schedule
 from saga.core.definition import SagaDefinition
 from saga.core.messages import (
     Alert,
+    CancelRejected,
     CancelSaga,
     Command,
     EventBase,
     Reply,
     ResolveSaga,
     RetrySaga,
+    SagaRejected,
+    SagaStuck,
+    StartIgnored,
+    StartRefused,
     StartSaga,
 )
 from saga.core.plan import Plan, idempotency_key
-from saga.core.state import SagaState
+from saga.core.state import SagaState, SagaStatus, evolve
 
 __all__ = [
     "Decision",
@@ -71,6 +83,7 @@ __all__ = [
     "InputKind",
     "Tick",
     "decide",
+    "give_up",
     "idempotency_key",
     "input_kind",
     "next_due",
@@ -129,8 +142,26 @@ def decide(
         message: The input.
         now: The current time, in seconds since the epoch.
     """
+    rejected = state is not None and state.status is SagaStatus.REJECTED
+    if isinstance(message, StartSaga):
+        if state is not None and not rejected:
+            return _duplicate_start(state, message, now)
+        if definition is None:
+            reason = f"no saga definition named {message.saga_name!r}"
+            return _record(
+                state,
+                SagaRejected,
+                now,
+                saga_id=message.saga_id,
+                message_id=message.message_id,
+                name=message.saga_name,
+                input=message.input,
+                reason=reason,
+            )
+    elif state is not None and rejected:
+        return _after_rejection(state, message, now)
     if definition is None:
-        name = message.saga_name if isinstance(message, StartSaga) else state.name if state else "?"
+        name = state.name if state else "?"
         return Decision(state, rejected=f"no saga definition named {name!r}")
     plan = Plan(definition, state, now)
     verdict = _react(plan, message)
@@ -158,6 +189,54 @@ def next_due(state: SagaState) -> float | None:
     return min(times) if times else None
 
 
+def _record(
+    state: SagaState | None, cls: type[EventBase], now: float, **fields: object
+) -> Decision:
+    """A decision of one event, which needs no definition (a rejection, a duplicate start)."""
+    saga_id = fields.pop("saga_id", None) or (state.saga_id if state is not None else "")
+    seq = state.seq + 1 if state is not None else 1
+    event = cls(saga_id=saga_id, seq=seq, at=now, **fields)
+    return Decision(evolve(state, event), events=(event,))
+
+
+def _duplicate_start(state: SagaState, m: StartSaga, now: float) -> Decision:
+    """A start for an id whose saga exists: kept, and recorded, by the id-reuse policy."""
+    same = {"name": m.saga_name == state.name, "input": m.input == state.input}
+    differs = [k for k, equal in same.items() if not equal]
+    how = []
+    if "name" in differs:
+        how.append(f"as {state.name!r}, not {m.saga_name!r}")
+    if "input" in differs:
+        how.append("with another input")
+    where = f"saga {state.saga_id!r} has already started ({state.status.value})"
+    if differs and m.if_exists == "refuse":
+        reason = f"{where} {', and '.join(how)}: refused (if_exists='refuse')"
+        return _record(
+            state, StartRefused, now, message_id=m.message_id, reason=reason, differs=differs
+        )
+    if differs:
+        reason = f"{where} {', and '.join(how)}: the existing saga is kept (if_exists='return')"
+    else:
+        reason = f"{where}: the existing saga is kept"
+    return _record(
+        state, StartIgnored, now, message_id=m.message_id, reason=reason, differs=differs
+    )
+
+
+def _after_rejection(state: SagaState, message: Input, now: float) -> Decision:
+    """Any input but a start, for a rejected saga: it has no steps and sent nothing."""
+    if isinstance(message, CancelSaga):
+        return _record(state, CancelRejected, now, reason="the saga is rejected")
+    if isinstance(message, RetrySaga | ResolveSaga):
+        return Decision(state, ignored=f"saga {state.saga_id!r} is rejected, not stuck")
+    if isinstance(message, Reply):
+        return Decision(
+            state,
+            rejected=f"saga {state.saga_id!r} was rejected ({state.reason}): it sent no commands",
+        )
+    return Decision(state, ignored="nothing due")
+
+
 def _react(plan: Plan, message: Input) -> tuple[str, str] | None:
     # The dispatch on the input's type is here, with `Input` and `Tick`, so that the planner
     # (saga.core.plan) need not import this module.
@@ -174,3 +253,21 @@ def _react(plan: Plan, message: Input) -> tuple[str, str] | None:
     if isinstance(message, ResolveSaga):
         return plan.on_resolve(message)
     return plan.on_retry(message)
+
+
+def give_up(
+    definition: SagaDefinition, state: SagaState, reason: str, now: float
+) -> Decision | None:
+    """The saga stops where it is, stuck with ``reason``, and an operator is alerted.
+
+    For what the saga's rules cannot express: the runtime could not carry out a decision (its
+    records would exceed what the broker accepts), so the saga must not move on as if it had.
+    ``None`` when the saga has already ended (nothing to stop).
+    """
+    if state.status not in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+        return None
+    plan = Plan(definition, state, now)
+    plan.emit(SagaStuck, reason=reason)
+    schedule.raise_alert(plan)
+    return Decision(state=plan.state, events=tuple(plan.events), alerts=tuple(plan.alerts))
+

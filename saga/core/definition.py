@@ -91,7 +91,8 @@ class Dependency(BaseModel):
 
 
 class RetryPolicy(BaseModel):
-    """How often and how soon a failed attempt is tried again.
+    """How often and how soon a failed attempt is tried again. Every number is finite (rule
+    ``finite``: an infinite or NaN delay would leave the saga waiting for ever).
 
     The delay before attempt ``n + 1`` is ``initial_backoff * multiplier ** (n - 1)``, capped at
     ``max_backoff``, then spread by ``jitter`` (a fraction). The jitter is derived from a hash of
@@ -103,13 +104,13 @@ class RetryPolicy(BaseModel):
 
     max_attempts: int = Field(default=3, ge=1, le=1000)
     """Attempts in all, the first included."""
-    initial_backoff: float = Field(default=0.2, ge=0)
+    initial_backoff: float = Field(default=0.2, ge=0, allow_inf_nan=False)
     """Seconds before the second attempt."""
-    multiplier: float = Field(default=2.0, ge=1)
+    multiplier: float = Field(default=2.0, ge=1, allow_inf_nan=False)
     """Growth of the delay per attempt."""
-    max_backoff: float = Field(default=30.0, ge=0)
+    max_backoff: float = Field(default=30.0, ge=0, allow_inf_nan=False)
     """Upper bound of one delay, in seconds."""
-    jitter: float = Field(default=0.2, ge=0, le=1)
+    jitter: float = Field(default=0.2, ge=0, le=1, allow_inf_nan=False)
     """Spread of each delay, as a fraction of it (0.2 means +-20%)."""
     retry_on: tuple[str, ...] | None = None
     """Error type names that are retried (``Timeout`` for a missed deadline); ``None`` retries
@@ -153,8 +154,9 @@ class Step(BaseModel):
     """Retry policy of the action."""
     compensation_retry: RetryPolicy = _COMPENSATION_RETRY
     """Retry policy of the compensation; when it is exhausted the saga is stuck."""
-    timeout: float = Field(default=30.0, gt=0)
-    """Seconds an attempt may take before it counts as failed with error type ``Timeout``."""
+    timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    """Seconds an attempt may take before it counts as failed with error type ``Timeout``
+    (finite: an attempt must time out some time)."""
     input: Any = None
     """Input template (see `saga.core.dataflow`); ``None`` passes the saga input."""
     input_model: type[BaseModel] | None = Field(default=None, exclude=True)
@@ -297,6 +299,34 @@ class SagaDefinition(BaseModel):
         """The definition as plain data, loadable again by `from_dict`."""
         return self.model_dump(mode="json", exclude_defaults=True)
 
+    @property
+    def digest(self) -> str:
+        """A stable hash of the definition's content (16 hex digits).
+
+        The SHA-256 of its canonical JSON: its plain data (`to_dict`, which leaves defaults
+        out) with keys sorted and no spaces, plus the JSON schemas of the Python-only input and
+        output models. So it does not depend on how the definition was written (Python, YAML,
+        JSON, defaults spelled out or not), nor change when a release adds a field with a
+        default; any change to what is written, a step's order included, changes it. The
+        coordinator records it on every saga (`saga.core.messages.SagaStarted.digest`) and
+        refuses two different definitions under one name and version
+        (`saga.runtime.catalog.Catalog`).
+        """
+        cached: str | None = self.__dict__.get("_digest_cache")
+        if cached is None:
+            data = self.to_dict()
+            if self.input_model is not None:
+                data["input_model"] = _model_schema(self.input_model)
+            for step, dumped in zip(self.steps, data["steps"], strict=True):
+                for key in ("input_model", "output_model"):
+                    model = getattr(step, key)
+                    if model is not None:
+                        dumped[key] = _model_schema(model)
+            text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            cached = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+            self.__dict__["_digest_cache"] = cached
+        return cached
+
     # -- queries used by the scheduler ---------------------------------------------------------
 
     def step(self, name: str) -> Step:
@@ -341,6 +371,15 @@ class SagaDefinition(BaseModel):
             cached = {k: tuple(v) for k, v in found.items()}
             self.__dict__["_dependents_cache"] = cached
         return cached
+
+
+def _model_schema(model: type[BaseModel]) -> Any:
+    """What a Python-only model contributes to the digest: its JSON schema, or its qualified
+    name when it has none."""
+    try:
+        return model.model_json_schema()
+    except Exception:  # a model with a type JSON Schema cannot express
+        return f"{model.__module__}.{model.__qualname__}"
 
 
 # -- files -----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "EventBase",
+    "IfExists",
     "Phase",
     "Reply",
     "Request",
@@ -46,11 +47,14 @@ __all__ = [
     "SagaAborted",
     "SagaCompensated",
     "SagaCompleted",
+    "SagaRejected",
     "SagaResumed",
     "SagaStarted",
     "SagaStuck",
     "Snapshot",
     "SnapshotRecord",
+    "StartIgnored",
+    "StartRefused",
     "StartSaga",
     "StepEvent",
     "StepFailedEvent",
@@ -76,6 +80,15 @@ Phase = Literal["action", "compensation"]
 
 JsonObject = dict[str, Any]
 
+IfExists = Literal["return", "refuse"]
+"""The id-reuse policy of a start request for an id that already names a saga (`StartSaga`)."""
+
+
+def _unset(value: object) -> bool:
+    # Optional fields added after release 1 are left out of a record that does not use them,
+    # so that such a record is byte for byte what an older release wrote.
+    return value is None
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -88,7 +101,16 @@ class ErrorInfo(_Message):
     """What went wrong in a step, as reported by a participant or the coordinator."""
 
     type: str
-    """Exception type name, ``StepFailed`` for business failures, ``Timeout`` for deadlines."""
+    """Exception type name, ``StepFailed`` for business failures, ``Timeout`` for deadlines.
+
+    The participant also reports, without an exception of that name: ``OutputInvalid`` (the
+    handler's output is not a JSON object: not a dict, or holding a NaN, bytes, an object, a key
+    that is not a string; business) and ``OutputTooLarge`` (the reply would exceed the
+    participant's ``max_reply_bytes``; business), both permanent: running again would return
+    the same; ``Expired`` (the command was older than its budget when the participant took it,
+    so the handler did not run; technical) and ``Redelivered`` (the command came again and
+    again without its handler ever finishing, its process dying each time, so it was
+    dead-lettered instead of run once more; technical)."""
     message: str
     """Human-readable reason."""
     business: bool = False
@@ -101,7 +123,17 @@ class ErrorInfo(_Message):
 
 
 class StartSaga(_Message):
-    """Asks the coordinator to start a saga. Starting an id twice starts it once."""
+    """Asks the coordinator to start a saga. An id names one saga: starting it twice starts it
+    once.
+
+    A start for an id that already names a saga follows ``if_exists``, the id-reuse policy:
+    ``"return"`` (the default) keeps the existing saga and changes nothing; ``"refuse"`` refuses
+    the request when its name or input differs from the existing saga's. Either way the
+    coordinator records the duplicate as an event of the existing saga (`StartIgnored` or
+    `StartRefused`). A start the coordinator cannot run (no definition has the name, or the
+    input does not fit it) is recorded as a rejected saga (`SagaRejected`); as nothing ran, a
+    later valid start of the same id starts it.
+    """
 
     type: Literal["start"] = "start"
     message_id: str
@@ -109,6 +141,8 @@ class StartSaga(_Message):
     saga_name: str
     input: JsonObject
     at: float
+    if_exists: IfExists = Field(default="return", exclude_if=lambda v: v == "return")
+    """What a start for an id that exists does: ``return`` (keep it) or ``refuse``."""
 
 
 class CancelSaga(_Message):
@@ -173,7 +207,14 @@ class Command(_Message):
     """Stable across attempts of the same step and phase; see `saga.core.decide`."""
     payload: JsonObject
     deadline_at: float
+    """When the coordinator stops waiting for this attempt, on the coordinator's clock."""
     at: float
+    budget: float | None = None
+    """Seconds the attempt may take (the step's timeout), counted by the participant from when
+    it takes the command, on its own clock, so that clocks that disagree do not eat it up.
+    ``None`` in commands written before it existed: ``deadline_at - at`` is the same span. A
+    participant of an earlier release refuses a command with a budget (an unknown field):
+    upgrade participants before coordinators."""
 
 
 class Reply(_Message):
@@ -222,6 +263,52 @@ class SagaStarted(EventBase):
     input: JsonObject
     steps: list[str]
     """The definition's step names, all pending."""
+    digest: str | None = Field(default=None, exclude_if=_unset)
+    """`saga.core.definition.SagaDefinition.digest` of the definition it started on (``None``
+    in records written before digests)."""
+
+
+class SagaRejected(EventBase):
+    """A start request that could not start the saga: no definition has its name, or its input
+    does not fit the definition. Nothing ran; the saga is ``rejected`` (final), with the reason.
+    A later start of the same id with a valid request starts it (`SagaStarted` follows)."""
+
+    type: Literal["saga_rejected"] = "saga_rejected"
+    message_id: str
+    """The request's."""
+    name: str
+    """The saga name the request asked for."""
+    version: int | None = None
+    """The version it would have started on, when a definition has the name."""
+    digest: str | None = None
+    """That definition's digest."""
+    input: JsonObject
+    """The request's input."""
+    reason: str
+
+
+class StartIgnored(EventBase):
+    """A start for an id that already names a saga, kept as it is (``if_exists="return"``, or
+    a request no different from the saga's)."""
+
+    type: Literal["start_ignored"] = "start_ignored"
+    message_id: str
+    """The request's."""
+    reason: str
+    differs: list[str]
+    """What the request had that the saga has not: ``name``, ``input``, or nothing."""
+
+
+class StartRefused(EventBase):
+    """A start for an id that already names a saga, with another name or input, under
+    ``if_exists="refuse"``: refused; the existing saga is kept."""
+
+    type: Literal["start_refused"] = "start_refused"
+    message_id: str
+    """The request's."""
+    reason: str
+    differs: list[str]
+    """What differed from the saga: ``name``, ``input`` or both."""
 
 
 class StepStarted(StepEvent):
@@ -366,7 +453,10 @@ Event = Annotated[
     | SagaResumed
     | StepResolved
     | CompensationResolved
-    | CancelRejected,
+    | CancelRejected
+    | SagaRejected
+    | StartIgnored
+    | StartRefused,
     Field(discriminator="type"),
 ]
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
@@ -390,6 +480,9 @@ class Checkpoint(_Message):
     type: Literal["checkpoint"] = "checkpoint"
     partition: int
     log_offset: int
+    partitions: int | None = Field(default=None, ge=1, exclude_if=_unset)
+    """The topics' partition count it was written under (``None`` in older records): a
+    coordinator refuses to run on another count (`saga.errors.TopologyChanged`)."""
 
 
 class Alert(_Message):

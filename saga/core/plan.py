@@ -61,10 +61,13 @@ def idempotency_key(saga_id: str, step: str, phase: Phase, round_: int = 0) -> s
         saga_id: The saga's id.
         step: The step's name.
         phase: ``action`` or ``compensation``.
-        round_: How many operator retries came before (``0`` before any); each starts a new key.
+        round_: How many operator retries came before (``0`` before any). Each starts a new key
+            for an action, so that a stuck step runs again for real. A compensation ignores it
+            and keeps one key for good: a compensation that took effect but whose reply was
+            lost must not take effect again when an operator retries it (a second refund).
     """
     key = f"{saga_id}/{step}/{phase}"
-    return f"{key}/r{round_}" if round_ else key
+    return f"{key}/r{round_}" if round_ and phase == "action" else key
 
 
 @dataclass
@@ -115,14 +118,31 @@ class Plan:
     # -- reacting to the input ---------------------------------------------------------------
 
     def on_start(self, m: StartSaga) -> tuple[str, str] | None:
-        """A start request: starts the saga unless it has started or its input is invalid."""
-        if self.state is not None:
+        """A start request for an id with no saga, or a rejected one (nothing ran): starts the
+        saga, or records it as rejected when its input does not fit the definition.
+
+        A start for an id whose saga exists is answered by `saga.core.decide` (the id-reuse
+        policy needs no definition); one reaching here changes nothing.
+        """
+        from saga.core.messages import SagaRejected  # here: this reaction is its only user
+
+        if self.state is not None and self.state.status is not SagaStatus.REJECTED:
             return "ignored", f"saga {m.saga_id!r} has already started"
         if self.d.input_model is not None:
             try:
                 self.d.input_model.model_validate(m.input)
             except ValidationError as exc:
-                return "rejected", f"saga {self.d.name!r}: input is invalid: {_brief(exc)}"
+                self.emit(
+                    SagaRejected,
+                    saga_id=m.saga_id,
+                    message_id=m.message_id,
+                    name=self.d.name,
+                    version=self.d.version,
+                    digest=self.d.digest,
+                    input=m.input,
+                    reason=f"saga {self.d.name!r}: input is invalid: {_brief(exc)}",
+                )
+                return None
         self.emit(
             SagaStarted,
             saga_id=m.saga_id,
@@ -130,6 +150,7 @@ class Plan:
             version=self.d.version,
             input=m.input,
             steps=[s.name for s in self.d.steps],
+            digest=self.d.digest,
         )
         return None
 
@@ -366,6 +387,8 @@ class Plan:
                 payload=payload,
                 deadline_at=deadline,
                 at=self.now,
+                # Relative, for the participant to count on its own clock (see `Command`).
+                budget=sd.timeout,
             )
         )
 

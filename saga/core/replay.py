@@ -120,6 +120,9 @@ class Replay(Generic[R]):
     """The rebuilt state of every saga seen, by saga id."""
     checkpoints: dict[int, int] = field(default_factory=dict)
     """Per log partition, the offset its latest checkpoint says the snapshots cover up to."""
+    partition_counts: dict[int, int] = field(default_factory=dict)
+    """Per log partition, the topics' partition count its latest checkpoint was written under
+    (checkpoints of older releases record none)."""
     log_next: dict[int, int] = field(default_factory=dict)
     """Per log partition, the offset after the last log record fed."""
     unusable: list[Unusable[R]] = field(default_factory=list)
@@ -140,6 +143,8 @@ class Replay(Generic[R]):
             item = decode(snapshot_adapter, record.value, self.limits)
             if isinstance(item, Checkpoint):
                 self.checkpoints[item.partition] = item.log_offset
+                if item.partitions is not None:
+                    self.partition_counts[item.partition] = item.partitions
                 return
             if record.key != item.saga_id.encode():
                 raise DecodeError("wrong_key", f"key {record.key!r} is not the saga id")

@@ -19,6 +19,10 @@ The rules, after Richardson's step kinds and Garcia-Molina and Salem's sagas:
   step after it; the declared dependencies must not contradict that order.
 - ``input-reference``: an input template refers only to the saga input, the saga id, or the
   output of a step that finishes before this one starts.
+- ``finite``: every number of a step (its ``timeout``, and the floats of its retry policies) is
+  finite: with an infinite or NaN deadline or backoff a saga would wait for ever. The schema
+  itself refuses them (so a Python `Step` cannot hold one either); `describe` words the error
+  as this rule.
 """
 
 from __future__ import annotations
@@ -198,4 +202,9 @@ def describe(saga: str, data: Any, error: Mapping[str, Any]) -> str:
         where += f", step {name!r}"
         loc = loc[2:]
     field = ".".join(str(p) for p in loc) or "definition"
+    if error.get("type") == "finite_number":
+        return (
+            f"{where}: [finite] {field}: must be a finite number, not {error.get('input')!r}; "
+            "with an infinite or NaN deadline or backoff the saga would wait for ever"
+        )
     return f"{where}: [schema] {field}: {error.get('msg', 'invalid')}"

@@ -99,7 +99,7 @@ def _advance_forward(plan: Plan) -> bool:
         plan.emit(SagaCompleted)
     elif quiescent_and_stuck(d, plan.s):
         plan.emit(SagaStuck, reason=stuck_reason(d, plan.s))
-        _raise_alert(plan)
+        raise_alert(plan)
     return False
 
 
@@ -130,14 +130,14 @@ def _advance_backward(plan: Plan) -> bool:
         return False
     if StepStatus.STUCK in statuses:
         plan.emit(SagaStuck, reason=stuck_reason(d, plan.s))
-        _raise_alert(plan)
+        raise_alert(plan)
     elif not any(st in UNDO_OWED for st in statuses):
         plan.emit(SagaCompensated)
     return False
 
 
-def _raise_alert(plan: Plan) -> None:
-    # The saga has just gone stuck: an operator must look at it.
+def raise_alert(plan: Plan) -> None:
+    """Tells an operator: the saga has just gone stuck (an alert with its stuck steps)."""
     s = plan.s
     plan.alerts.append(
         Alert(

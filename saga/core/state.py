@@ -34,6 +34,14 @@ Saga statuses: ``running -> completed``; ``running -> compensating -> compensate
 ``running`` and ``compensating`` -> ``stuck``; ``stuck`` -> ``running`` or ``compensating``
 again when an operator retries it, or resolves its stuck steps by hand (``stuck`` ->
 ``succeeded`` going forward, ``stuck`` -> ``compensated`` going backward).
+
+A start the coordinator cannot run (no definition of its name, an invalid input) makes a saga
+whose first event is `SagaRejected`: ``rejected``, final, with no steps. Nothing ran, so a later
+valid start of the id moves it on (``rejected -> running``, its `SagaStarted` not event 1).
+
+Some events only record something about the saga (`RECORD_ONLY`: a duplicate start, a cancel
+that came too late): they are legal in every status, as self-loops of `SAGA_TRANSITIONS`, and
+change nothing but ``seq`` and ``updated_at``, a finished saga's finish time included.
 """
 
 from __future__ import annotations
@@ -41,9 +49,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from saga.core.messages import (
+    CancelRejected,
     CompensationResolved,
     CompensationRetryScheduled,
     CompensationStarted,
@@ -54,9 +63,12 @@ from saga.core.messages import (
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
+    SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    StartIgnored,
+    StartRefused,
     StepEvent,
     StepFailedEvent,
     StepResolved,
@@ -71,6 +83,7 @@ from saga.errors import IllegalTransition
 __all__ = [
     "FINAL_STATUSES",
     "IN_FLIGHT",
+    "RECORD_ONLY",
     "SAGA_TRANSITIONS",
     "SETTLED_FOR_UNDO",
     "STEP_TRANSITIONS",
@@ -100,19 +113,23 @@ class StepStatus(StrEnum):
 
 
 class SagaStatus(StrEnum):
-    """Where the saga is. ``completed``, ``compensated`` and ``stuck`` are final."""
+    """Where the saga is. ``completed``, ``compensated``, ``stuck`` and ``rejected`` are
+    final."""
 
     RUNNING = "running"
     COMPENSATING = "compensating"
     COMPLETED = "completed"
     COMPENSATED = "compensated"
     STUCK = "stuck"
+    REJECTED = "rejected"
+    """Its start was refused before anything ran (see `SagaRejected`)."""
 
 
 TERMINAL_STATUSES = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED})
-"""Statuses a saga never leaves: no event is legal after them."""
-FINAL_STATUSES = TERMINAL_STATUSES | {SagaStatus.STUCK}
-"""Statuses in which nothing happens until an operator acts (``stuck``) or ever (the others)."""
+"""Statuses a saga never leaves: no event but a `RECORD_ONLY` one is legal after them."""
+FINAL_STATUSES = TERMINAL_STATUSES | {SagaStatus.STUCK, SagaStatus.REJECTED}
+"""Statuses in which nothing happens until an operator acts (``stuck``), a valid start comes
+(``rejected``), or ever (the others)."""
 
 IN_FLIGHT = frozenset(
     {
@@ -158,16 +175,24 @@ STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
 """(event type, step status before) -> step status after. Anything else is illegal."""
 
 G = SagaStatus
+RECORD_ONLY: frozenset[type[EventBase]] = frozenset({CancelRejected, StartIgnored, StartRefused})
+"""Events that record a request the saga answered without moving: legal in every status, they
+change neither the status nor anything else but ``seq`` and ``updated_at``."""
 SAGA_TRANSITIONS: dict[tuple[type[EventBase], SagaStatus | None], SagaStatus] = {
     (SagaStarted, None): G.RUNNING,
+    (SagaStarted, G.REJECTED): G.RUNNING,  # a valid start after a rejected one: nothing ran
+    (SagaRejected, None): G.REJECTED,
+    (SagaRejected, G.REJECTED): G.REJECTED,  # another start it cannot run either
     (SagaAborted, G.RUNNING): G.COMPENSATING,
     (SagaCompleted, G.RUNNING): G.COMPLETED,
     (SagaCompensated, G.COMPENSATING): G.COMPENSATED,
     (SagaStuck, G.RUNNING): G.STUCK,
     (SagaStuck, G.COMPENSATING): G.STUCK,
     (SagaResumed, G.STUCK): G.RUNNING,  # or COMPENSATING: see SagaResumed.compensating
+    **{(kind, status): status for kind in RECORD_ONLY for status in G},
 }
-"""(event type, saga status before) -> saga status after, for events that change it."""
+"""(event type, saga status before) -> saga status after, for the saga-level events (step events
+are `STEP_TRANSITIONS`'). A `RECORD_ONLY` event is a self-loop in every status."""
 
 STEP_EVENTS_NEED = {
     StepStarted: G.RUNNING,
@@ -222,7 +247,10 @@ class SagaState(BaseModel):
     updated_at: float
     finished_at: float | None = None
     reason: str | None = None
-    """Why the saga is compensating, compensated or stuck."""
+    """Why the saga is compensating, compensated, stuck or rejected."""
+    digest: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """The digest of the definition it started on (`SagaStarted.digest`; ``None`` for sagas
+    started before digests, or rejected without a definition)."""
 
     @property
     def is_final(self) -> bool:
@@ -257,24 +285,8 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
         IllegalTransition: The event does not follow the state (wrong saga, a gap or duplicate
             in ``seq``, or no edge in the transition tables). The given state is unchanged.
     """
-    if isinstance(event, SagaStarted):
-        if state is not None:
-            raise IllegalTransition(f"saga {event.saga_id!r} has already started")
-        if event.seq != 1:
-            raise IllegalTransition(
-                f"saga {event.saga_id!r}: SagaStarted must be event 1, not {event.seq}"
-            )
-        return SagaState(
-            saga_id=event.saga_id,
-            name=event.name,
-            version=event.version,
-            status=SAGA_TRANSITIONS[(SagaStarted, None)],
-            input=event.input,
-            steps=dict.fromkeys(event.steps, _PENDING),
-            seq=event.seq,
-            started_at=event.at,
-            updated_at=event.at,
-        )
+    if isinstance(event, SagaStarted | SagaRejected):
+        return _begin(state, event)
     if state is None:
         raise IllegalTransition(f"{event.type} for saga {event.saga_id!r}, which has not started")
     if event.saga_id != state.saga_id:
@@ -291,6 +303,58 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
 
 
 _STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
+
+
+def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaState:
+    """A saga's first event, or a start after a rejected one (nothing ran: it begins anew)."""
+    kind = type(event)
+    if state is None:
+        if event.seq != 1:
+            raise IllegalTransition(
+                f"saga {event.saga_id!r}: {kind.__name__} must be event 1, not {event.seq}"
+            )
+    else:
+        if event.saga_id != state.saga_id:
+            raise IllegalTransition(f"event of saga {event.saga_id!r} applied to {state.saga_id!r}")
+        if (kind, state.status) not in SAGA_TRANSITIONS:
+            raise IllegalTransition(
+                f"saga {state.saga_id!r} has already started"
+                if isinstance(event, SagaStarted)
+                else f"saga {state.saga_id!r}: {kind.__name__} is not legal when the saga is "
+                f"{state.status.value}"
+            )
+        if event.seq != state.seq + 1:
+            raise IllegalTransition(
+                f"saga {state.saga_id!r}: event seq {event.seq} does not follow {state.seq}"
+            )
+    status = SAGA_TRANSITIONS[(kind, state.status if state is not None else None)]
+    if isinstance(event, SagaStarted):
+        return SagaState(
+            saga_id=event.saga_id,
+            name=event.name,
+            version=event.version,
+            status=status,
+            input=event.input,
+            steps=dict.fromkeys(event.steps, _PENDING),
+            seq=event.seq,
+            started_at=event.at,
+            updated_at=event.at,
+            digest=event.digest,
+        )
+    return SagaState(
+        saga_id=event.saga_id,
+        name=event.name,
+        version=event.version or 0,
+        status=status,
+        input=event.input,
+        steps={},
+        seq=event.seq,
+        started_at=event.at,
+        updated_at=event.at,
+        finished_at=event.at,
+        reason=event.reason,
+        digest=event.digest,
+    )
 
 
 def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
@@ -355,13 +419,15 @@ def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
 def _evolve_saga(state: SagaState, event: EventBase) -> dict[str, Any]:
     kind = type(event)
     if kind not in _SAGA_EVENT_TYPES:
-        return {}  # step events and CancelRejected leave the saga's status as it is
+        return {}  # step events leave the saga's status as it is
     target = SAGA_TRANSITIONS.get((kind, state.status))
     if target is None:
         raise IllegalTransition(
             f"saga {state.saga_id!r}: {kind.__name__} is not legal when the saga is "
             f"{state.status.value}"
         )
+    if kind in RECORD_ONLY:
+        return {}  # a self-loop: the status, and the finish time, stay as they are
     if isinstance(event, SagaResumed):
         target = SagaStatus.COMPENSATING if event.compensating else SagaStatus.RUNNING
         return {"status": target, "finished_at": None}

@@ -18,6 +18,7 @@ from saga.core.codec import ENGINE_LIMITS, decode, encode
 from saga.core.messages import (
     CancelSaga,
     EventBase,
+    IfExists,
     Request,
     ResolveSaga,
     RetrySaga,
@@ -25,8 +26,8 @@ from saga.core.messages import (
     event_adapter,
 )
 from saga.core.replay import Replay, is_saga_key
-from saga.core.state import SagaState
-from saga.errors import DecodeError, SagaTimeout, UnknownSaga, UsageError
+from saga.core.state import SagaState, SagaStatus
+from saga.errors import DecodeError, SagaExists, SagaTimeout, UnknownSaga, UsageError
 from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.ports import (
     Clock,
@@ -82,6 +83,7 @@ class SagaClient:
         self._stack = AsyncExitStack()
         self._producer: Producer | None = None
         self._topics_ready = False
+        self._tails: dict[int, _Tail] = {}
 
     async def _ensure_topics(self) -> None:
         # A broker that auto-creates topics would give a client's first write a one-partition
@@ -119,11 +121,31 @@ class SagaClient:
         saga_id: str | None = None,
         *,
         headers: Headers = (),
+        if_exists: IfExists = "return",
     ) -> str:
-        """Asks for a saga to start and returns its id. Starting an existing id does nothing.
+        """Asks for a saga to start and returns its id.
+
+        A client holds no definitions: a start the coordinator cannot run (no definition of
+        that name, an input that does not fit it) is recorded as a saga with status
+        ``rejected`` and the reason, which `status` and `wait` report. A start for an id that
+        already names a saga follows ``if_exists``, the id-reuse policy: ``"return"`` keeps
+        the existing saga (the request changes nothing; `wait` gives the existing saga's end),
+        ``"refuse"`` refuses a request whose name or input differs from the saga's. Either way
+        the coordinator records the duplicate in the saga's log (``start_ignored`` or
+        ``start_refused``). A rejected saga can be started again: nothing ran.
+
+        Args:
+            name: The saga definition's name.
+            input: The saga input.
+            saga_id: The id (default: a new random one).
+            headers: Extra headers for the request.
+            if_exists: ``"return"`` or ``"refuse"`` (see above).
 
         Raises:
             UsageError: ``saga_id`` is not a valid id.
+            SagaExists: ``if_exists="refuse"`` and the id names a saga with another name or
+                input (nothing is sent). Two such starts racing are decided by the
+                coordinator, which records the later one as ``start_refused``.
         """
         saga_id = saga_id or new_saga_id()
         _check_id(saga_id)
@@ -133,7 +155,26 @@ class SagaClient:
             saga_name=name,
             input=dict(input),
             at=self.clock.now(),
+            if_exists=if_exists,
         )
+        if if_exists == "refuse":
+            existing = await self.status(saga_id)
+            if existing is not None and existing.status is not SagaStatus.REJECTED:
+                asked = message.model_dump(mode="json")
+                differs = [
+                    what
+                    for what, mine, theirs in (
+                        ("name", asked["saga_name"], existing.name),
+                        ("input", asked["input"], existing.input),
+                    )
+                    if mine != theirs
+                ]
+                if differs:
+                    raise SagaExists(
+                        f"saga {saga_id!r} exists ({existing.status.value}, {existing.name!r}) "
+                        f"with another {' and '.join(differs)}: refused (if_exists='refuse'); "
+                        "nothing was sent"
+                    )
         await self._send(message, headers)
         return saga_id
 
@@ -199,11 +240,19 @@ class SagaClient:
         if self._local is not None and (state := self._local(saga_id)) is not None:
             return state
         partition = await self._partition(self.topics.snapshots, saga_id)
+        tail = self._tails.setdefault(partition, _Tail())
         key = saga_id.encode()
+        # The first question about a saga reads its partition once; later ones (a `wait`
+        # polling) read only what was written since.
+        start = tail.next if key in tail.latest else 0
+        tail.watch(key)
+        async for record in self.transport.read(self.topics.snapshots, partition, start):
+            tail.see(record)
+        latest = tail.latest.get(key)
+        if latest is None:
+            return None
         fold: Replay[Record] = Replay()
-        async for record in self.transport.read(self.topics.snapshots, partition):
-            if record.key == key:
-                fold.add_snapshot(record)
+        fold.add_snapshot(latest)
         return fold.states.get(saga_id)
 
     async def states(self) -> AsyncIterator[SagaState]:
@@ -263,3 +312,28 @@ def _check_id(saga_id: str) -> None:
         raise UsageError(
             f"saga id {saga_id!r} is invalid: use 1 to 200 characters, not starting with '__'"
         )
+
+
+class _Tail:
+    """What a client has read of one snapshots partition, for the sagas it was asked about."""
+
+    MAX_WATCHED = 10_000
+    """Most sagas remembered per partition (the oldest asked about are forgotten first)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        """The offset after the last record read."""
+        self.latest: dict[bytes, Record | None] = {}
+        """Per saga asked about, its latest snapshot record (``None``: none seen yet)."""
+
+    def watch(self, key: bytes) -> None:
+        if key not in self.latest:
+            self.latest[key] = None
+            while len(self.latest) > self.MAX_WATCHED:
+                del self.latest[next(iter(self.latest))]
+
+    def see(self, record: Record) -> None:
+        self.next = max(self.next, record.offset + 1)
+        if record.key in self.latest:
+            self.latest[record.key] = record
+

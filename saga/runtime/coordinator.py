@@ -31,7 +31,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -39,23 +38,26 @@ from anyio.abc import TaskStatus
 from saga.core.codec import DEFAULT_LIMITS, Limits
 from saga.core.definition import SagaDefinition
 from saga.core.messages import Alert
+from saga.core.replay import Replay, is_saga_key
 from saga.core.state import SagaState
-from saga.errors import Fenced, SagaTimeout, TransportError, UnknownSaga
+from saga.errors import Fenced, TopologyChanged, TransportError
 from saga.runtime.catalog import Catalog
 from saga.runtime.client import SagaClient
 from saga.runtime.dlq import DeadLetter
+from saga.runtime.facade import CoordinatorFacade
 from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.partition import Batch, OwnedPartition
 from saga.runtime.ports import (
     Clock,
     Consumer,
-    Headers,
     Record,
     SystemClock,
     TopicPartition,
     Topics,
     Transport,
 )
+from saga.runtime.retention import Retention
+from saga.runtime.splitting import Trouble, partitions_of
 
 __all__ = ["AlertHook", "Coordinator", "CoordinatorStats"]
 
@@ -82,9 +84,15 @@ class CoordinatorStats:
     fenced: int = 0
     recoveries: int = 0
     last_recovery_seconds: float = 0.0
+    held: int = 0
+    """Sagas whose state is in memory (after the latest commit)."""
+    evicted: int = 0
+    """Finished sagas that left memory (their snapshots stay)."""
+    tombstoned: int = 0
+    """Finished sagas whose snapshots were tombstoned."""
 
 
-class Coordinator:
+class Coordinator(CoordinatorFacade):
     """Runs sagas: decides, records events, sends commands, keeps time, compensates.
 
     Use as an async context manager to serve in the background, or ``await run()`` to serve
@@ -104,6 +112,14 @@ class Coordinator:
         limits: Decoding bounds for incoming messages.
         observer: Told of every committed decision (tracing, metrics), and gives outgoing
             messages their headers; none by default.
+        evict_after: Seconds a finished saga stays in memory after it ended (its snapshot
+            stays, so `status` still answers); see `saga.runtime.retention`.
+        tombstone_after: Seconds after it ended that a finished saga's snapshot is tombstoned
+            (its history stays in the log); ``None``: never.
+        max_record_bytes: Largest record a transaction may hold; keep it below the producer's
+            ``max_request_size`` and the broker's ``message.max.bytes`` (both 1 MiB by default).
+            A step output too large to keep fails the step (``OutputTooLarge``, a business
+            failure); any other decision that cannot be written leaves the saga stuck.
     """
 
     def __init__(
@@ -118,8 +134,13 @@ class Coordinator:
         batch_size: int = 500,
         limits: Limits = DEFAULT_LIMITS,
         observer: Observer | None = None,
+        evict_after: float = 300.0,
+        tombstone_after: float | None = 7 * 86_400.0,
+        max_record_bytes: int = 1_000_000,
     ) -> None:
         self.transport = transport
+        self.max_record_bytes = max_record_bytes
+        self.retention = Retention(evict_after, tombstone_after)
         self.topics = Topics(prefix)
         self.partition_count = partitions
         self.clock = clock or SystemClock()
@@ -131,9 +152,9 @@ class Coordinator:
         self.observer.watch_in_flight(self._in_flight)
         self.catalog = Catalog(definitions)
         self._parts: dict[int, OwnedPartition] = {}
+        self._trouble: dict[int, Trouble] = {}
         self._lost: set[int] = set()
         self._lock = anyio.Lock()
-        self._waiters: dict[str, set[anyio.Event]] = defaultdict(set)
         self._client = SagaClient(
             transport,
             prefix=prefix,
@@ -143,8 +164,7 @@ class Coordinator:
             local=self.local_status,
         )
         self._stack = AsyncExitStack()
-        self._assigned = anyio.Event()
-        self._owned_inputs: frozenset[TopicPartition] = frozenset()
+        self._serve_facade()
 
     def _in_flight(self) -> int:
         return sum(
@@ -173,7 +193,15 @@ class Coordinator:
         await self._stack.aclose()
 
     async def ensure_topics(self) -> None:
-        """Creates the engine's topics and every service's command topic, if missing."""
+        """Creates the engine's topics and every service's command topic, if missing, and
+        checks that their partition count is the one the sagas were recorded under.
+
+        Raises:
+            TransportError: Requests, replies and log have different partition counts.
+            TopologyChanged: A checkpoint was written under another partition count than the
+                topics have now. The first checkpoint found decides here, before anything is
+                consumed; each partition's own is checked again when it is recovered.
+        """
         t = self.topics
         names = [t.requests, t.replies, t.log, t.snapshots, t.dlq, t.alerts]
         names += [t.commands(s) for s in self.catalog.services()]
@@ -182,8 +210,20 @@ class Coordinator:
         if len(set(counts.values())) != 1:
             raise TransportError(
                 f"requests, replies and log must have equal partition counts, found {counts}: "
-                "recreate the topics or add partitions so that they match"
+                "recreate the topics, or (while they hold no sagas) add partitions so that they "
+                "match"
             )
+        current = counts[t.log]
+        for p in range(await self.transport.partitions(t.snapshots)):
+            fold: Replay[Record] = Replay()
+            async for record in self.transport.read(t.snapshots, p):
+                if not is_saga_key(record.key):
+                    fold.add_snapshot(record)
+            for where, recorded in fold.partition_counts.items():
+                if recorded != current:
+                    raise TopologyChanged(recorded, current, partition=where, prefix=t.prefix)
+            if fold.partition_counts:
+                return  # checkpoints are written under one count: the first found is enough
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serves until cancelled: polls inputs, decides, commits, fires timers."""
@@ -253,8 +293,17 @@ class Coordinator:
             producer = await stack.enter_async_context(
                 self.transport.tx_producer(f"{self.topics.prefix}.coordinator.{p}")
             )
-            part = OwnedPartition(p, producer, stack, self.topics, self.limits, self.observer)
-            dead = await part.recover(self.transport)
+            part = OwnedPartition(
+                p,
+                producer,
+                stack,
+                self.topics,
+                self.limits,
+                self.observer,
+                self.retention,
+                self.max_record_bytes,
+            )
+            dead = await part.recover(self.transport, self.clock.now())
             if dead:
                 # Dead-lettered once: the checkpoint written with them moves recovery past them.
                 for d in dead:
@@ -311,8 +360,19 @@ class Coordinator:
         self, p: int, records: list[Record], now: float, consumer: Consumer
     ) -> None:
         part = self._parts[p]
-        batch = part.stage(records, now, self.catalog)
+        trouble = self._trouble.get(p)
+        rest: list[Record] = []
+        if trouble is not None and len(records) > trouble.limit:
+            records, rest = records[: trouble.limit], records[trouble.limit :]
+        batch: Batch | None
+        if trouble is not None and trouble.exhausted and records:
+            batch = part.set_aside(records[0], f"its transactions kept failing: {trouble.error}")
+        else:
+            batch = await self._stage(part, records, now, consumer)
+        if batch is None:
+            return
         if batch.empty:
+            self._count_retention(batch)  # evictions change only memory: nothing to commit
             return
         try:
             written = await part.producer.commit(
@@ -327,19 +387,53 @@ class Coordinator:
         except TransportError as exc:
             self.stats.failed_transactions += 1
             log.warning("partition %d: transaction failed (%s); rewinding and retrying", p, exc)
+            self._trouble.setdefault(p, Trouble(records)).failed(len(records), exc)
             await self._drop(p)
-            await consumer.seek_to_committed(frozenset(batch.offsets))
+            await consumer.seek_to_committed(frozenset(batch.offsets) | partitions_of(rest))
             self._lost.add(p)
             return
         part.apply(batch, written)
+        if trouble is not None:
+            if trouble.passed(batch.offsets):
+                del self._trouble[p]
+            if rest:
+                try:  # the records left out come again, in small batches while in trouble
+                    await consumer.seek_to_committed(partitions_of(rest))
+                except TransportError:
+                    await self._drop(p)
+                    self._lost.add(p)
         self._count(batch)
         self.observer.committed(batch.committed, self.clock.now())
         for saga_id, state in batch.states.items():
             if state.is_final:
-                for waiter in self._waiters.pop(saga_id, ()):
-                    waiter.set()
+                self._wake(saga_id)
         for alert in batch.alerts:
             await self._run_alert_hooks(alert)
+
+    async def _stage(
+        self, part: OwnedPartition, records: list[Record], now: float, consumer: Consumer
+    ) -> Batch | None:
+        """The partition's transaction for ``records`` and its timers (``None``: the partition
+        was dropped, its sagas could not be reloaded)."""
+        p = part.number
+        requests = self.topics.requests
+        evicted = {
+            key
+            for r in records
+            if r.topic == requests
+            and r.key is not None
+            and (key := r.key.decode(errors="replace")) in part.retained.evicted
+        }
+        if evicted:
+            try:
+                await part.reload(self.transport, evicted)
+            except TransportError as exc:
+                log.warning("partition %d: could not reload sagas (%s); retrying", p, exc)
+                await self._drop(p)
+                await consumer.seek_to_committed(partitions_of(records))
+                self._lost.add(p)
+                return None
+        return part.stage(records, now, self.catalog)
 
     def _count(self, batch: Batch) -> None:
         s = self.stats
@@ -348,7 +442,13 @@ class Coordinator:
         s.events += batch.events
         s.commands += batch.commands
         s.ignored += batch.ignored
+        self._count_retention(batch)
         self._count_dead(batch.dead)
+
+    def _count_retention(self, batch: Batch) -> None:
+        self.stats.evicted += batch.evicted
+        self.stats.tombstoned += batch.tombstoned
+        self.stats.held = sum(len(part.states) for part in self._parts.values())
 
     def _count_dead(self, dead: Iterable[DeadLetter]) -> None:
         for d in dead:
@@ -369,107 +469,10 @@ class Coordinator:
             except Exception:
                 log.exception("alert hook %r failed for saga %s", hook, alert.saga_id)
 
-    # -- the client side ---------------------------------------------------------------------
-
-    async def start(
-        self,
-        name: str,
-        input: Mapping[str, Any],
-        saga_id: str | None = None,
-        *,
-        headers: Headers = (),
-    ) -> str:
-        """Starts a saga and returns its id (a new random id unless one is given).
-
-        Raises:
-            UnknownSaga: This coordinator has no definition called ``name``.
-            pydantic.ValidationError: The input does not fit the definition's input model.
-        """
-        definition = self.catalog.for_start(name)
-        if definition is None:
-            known = sorted(self.catalog.latest)
-            raise UnknownSaga(f"no saga definition named {name!r}; known: {known}")
-        if definition.input_model is not None:
-            definition.input_model.model_validate(input)
-        return await self._client.start(name, input, saga_id, headers=headers)
-
-    async def cancel(self, saga_id: str, reason: str = "cancelled by request") -> int:
-        """Asks for the saga to be cancelled (compensated), honoured until its pivot starts.
-
-        Returns:
-            The saga's ``seq`` when asked: `wait` with ``after=`` it waits for what follows.
-        """
-        return await self._client.cancel(saga_id, reason)
-
-    async def retry(self, saga_id: str) -> int:
-        """Re-drives a stuck saga: its stuck steps or compensations run again.
-
-        Returns:
-            The saga's ``seq`` when asked: ``wait(saga_id, t, after=seq)`` waits for the
-            re-driven run, not for the stuck state it had.
-        """
-        return await self._client.retry(saga_id)
-
-    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> int:
-        """Declares a stuck saga's stuck steps handled by hand; the saga then carries on.
-
-        Returns:
-            The saga's ``seq`` when asked (see `retry`).
-        """
-        return await self._client.resolve(saga_id, note)
-
-    async def status(self, saga_id: str) -> SagaState | None:
-        """The saga's latest committed state (from memory if owned here, else the snapshots)."""
-        return await self._client.status(saga_id)
-
     def local_status(self, saga_id: str) -> SagaState | None:
         """The saga's state if its partition is owned here (no I/O)."""
         for part in self._parts.values():
             if (state := part.states.get(saga_id)) is not None:
                 return state
         return None
-
-    async def wait(self, saga_id: str, timeout: float, *, after: int = 0) -> SagaState:
-        """Waits until the saga ends (completed, compensated or stuck) and returns its state.
-
-        Args:
-            saga_id: The saga.
-            timeout: Seconds to wait at most.
-            after: Only a final state with a ``seq`` past this counts: pass what `retry`,
-                `resolve` or `cancel` returned to wait for what the request led to.
-
-        Raises:
-            SagaTimeout: It did not end within ``timeout`` seconds.
-        """
-        deadline = anyio.current_time() + timeout
-        with anyio.move_on_after(timeout):
-            while True:
-                state = self.local_status(saga_id)
-                if state is not None and state.is_final and state.seq > after:
-                    return state
-                if state is None and self._owns(saga_id) is False:
-                    remaining = max(0.0, deadline - anyio.current_time())
-                    return await self._client.wait(saga_id, remaining, after=after)
-                waiter = anyio.Event()
-                self._waiters[saga_id].add(waiter)
-                try:
-                    # Woken by a commit; the bound covers a partition moving here meanwhile.
-                    with anyio.move_on_after(0.5):
-                        await waiter.wait()
-                finally:
-                    waiters = self._waiters.get(saga_id)
-                    if waiters is not None:
-                        waiters.discard(waiter)
-                        if not waiters:
-                            del self._waiters[saga_id]
-        state = await self.status(saga_id)
-        where = state.status.value if state else "not started"
-        raise SagaTimeout(f"saga {saga_id!r} did not end within {timeout}s (it is {where})")
-
-    def _owns(self, saga_id: str) -> bool | None:
-        """Whether this coordinator owns the saga's partition (None: not known yet)."""
-        if not self._assigned.is_set():
-            return None
-        p = self.transport.partition_for(saga_id.encode(), self.partition_count)
-        return (self.topics.requests, p) in self._owned_inputs
 

@@ -31,10 +31,12 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from saga.core.codec import Limits, decode, encode
-from saga.core.decide import Decision, Input, Tick, decide, input_kind, next_due
+from saga.core.decide import Decision, Input, Tick, decide, give_up, input_kind, next_due
+from saga.core.definition import SagaDefinition
 from saga.core.messages import (
     Alert,
     Checkpoint,
+    ErrorInfo,
     Reply,
     Snapshot,
     StartSaga,
@@ -43,11 +45,12 @@ from saga.core.messages import (
 )
 from saga.core.replay import Replay, checkpoint_key
 from saga.core.state import SagaState
-from saga.errors import DecodeError, SagaError
+from saga.errors import DecodeError, SagaError, TopologyChanged
 from saga.runtime.catalog import Catalog
 from saga.runtime.dlq import DeadLetter
 from saga.runtime.observe import Committed, Observer
 from saga.runtime.ports import Outgoing, Record, TopicPartition, Topics, Transport, TxProducer
+from saga.runtime.retention import Retained, Retention
 
 __all__ = ["Batch", "OwnedPartition"]
 
@@ -64,6 +67,8 @@ class Batch:
     """The input offsets it commits."""
     states: dict[str, SagaState] = field(default_factory=dict)
     """The sagas it changes, as they will be once it commits."""
+    snapshots: dict[str, Outgoing] = field(default_factory=dict)
+    """The latest snapshot of each saga it changes (written after the events)."""
     alerts: list[Alert] = field(default_factory=list)
     committed: list[Committed] = field(default_factory=list)
     """What to tell the observer once it commits."""
@@ -72,6 +77,8 @@ class Batch:
     events: int = 0
     commands: int = 0
     ignored: int = 0
+    evicted: int = 0
+    tombstoned: int = 0
 
     @property
     def empty(self) -> bool:
@@ -89,6 +96,9 @@ class OwnedPartition:
         topics: The engine's topic names.
         limits: Decoding bounds for inputs.
         observer: Gives each command its headers.
+        retention: How long finished sagas stay in memory and in the snapshots.
+        max_record_bytes: Largest record a transaction may hold (below the producer's and the
+            broker's limits): a decision that needs a larger one is not written as it is.
     """
 
     def __init__(
@@ -99,13 +109,17 @@ class OwnedPartition:
         topics: Topics,
         limits: Limits,
         observer: Observer,
+        retention: Retention,
+        max_record_bytes: int,
     ) -> None:
         self.number = number
         self.producer = producer
         self.topics = topics
         self.limits = limits
         self.observer = observer
+        self.max_record_bytes = max_record_bytes
         self.states: dict[str, SagaState] = {}
+        self.retained = Retained(retention)
         self.log_next = 0
         """The log offset after the last event this partition's sagas have in the log."""
         self._timers: list[tuple[float, str]] = []
@@ -124,8 +138,12 @@ class OwnedPartition:
             heapq.heappush(self._timers, (due, state.saga_id))
 
     def next_timer(self) -> float | None:
-        """The earliest scheduled time (possibly stale: see `due`)."""
-        return self._timers[0][0] if self._timers else None
+        """The earliest scheduled time (possibly stale: see `due`): a saga's deadline or retry,
+        or a finished saga's eviction or tombstone."""
+        times = [self._timers[0][0]] if self._timers else []
+        if (retention := self.retained.next_due()) is not None:
+            times.append(retention)
+        return min(times, default=None)
 
     def due(self, now: float) -> list[str]:
         """The sagas with a deadline or retry due at ``now``, each once."""
@@ -141,15 +159,28 @@ class OwnedPartition:
 
     # -- recovery ----------------------------------------------------------------------------
 
-    async def recover(self, transport: Transport) -> list[DeadLetter]:
+    partition_count: int | None = None
+    """The topics' partition count, read by `recover` and recorded in every `checkpoint`."""
+
+    async def recover(self, transport: Transport, now: float) -> list[DeadLetter]:
         """Rebuilds the partition's states; returns dead letters for records it could not use.
 
         Only the coordinator writes the log and snapshots, so a bad record there means
         corruption or a foreign writer: it is set aside with its reason, never fatal.
+
+        Raises:
+            TopologyChanged: The partition's checkpoint was written under another partition
+                count than the topics have now; nothing is rebuilt (or consumed).
         """
         fold: Replay[Record] = Replay()
         async for record in transport.read(self.topics.snapshots, self.number):
             fold.add_snapshot(record)
+        recorded = fold.partition_counts.get(self.number)
+        self.partition_count = await transport.partitions(self.topics.log)
+        if recorded is not None and recorded != self.partition_count:
+            raise TopologyChanged(
+                recorded, self.partition_count, partition=self.number, prefix=self.topics.prefix
+            )
         start = fold.start_offset(self.number)
         async for record in transport.read(self.topics.log, self.number, start):
             fold.add_log_record(record)
@@ -157,11 +188,29 @@ class OwnedPartition:
         self.log_next = fold.log_next.get(self.number, start)
         for state in self.states.values():
             self.arm(state)
+            self.retained.track(state)
+        # Finished sagas past their time in memory leave it now, not at the next batch: memory
+        # after a restart is what it was before, not every saga whose snapshot still stands.
+        self.retained.evict(now, self.states)
         return [DeadLetter(u.record, u.reason, u.detail) for u in fold.unusable]
+
+    async def reload(self, transport: Transport, saga_ids: set[str]) -> None:
+        """Brings evicted sagas back into memory from their snapshots (a request came for
+        them). Reads the partition's snapshots: rare, so a scan is cheaper than an index."""
+        wanted = {i.encode() for i in saga_ids}
+        fold: Replay[Record] = Replay()
+        async for record in transport.read(self.topics.snapshots, self.number):
+            if record.key in wanted:
+                fold.add_snapshot(record)
+        for saga_id, state in fold.states.items():
+            self.states[saga_id] = state
+            self.retained.restore(state)
 
     def checkpoint(self) -> Outgoing:
         """The record saying that the snapshots cover the log up to `log_next`."""
-        checkpoint = Checkpoint(partition=self.number, log_offset=self.log_next)
+        checkpoint = Checkpoint(
+            partition=self.number, log_offset=self.log_next, partitions=self.partition_count
+        )
         return Outgoing(
             self.topics.snapshots,
             checkpoint_key(self.number),
@@ -174,6 +223,11 @@ class OwnedPartition:
     def stage(self, records: Sequence[Record], now: float, catalog: Catalog) -> Batch:
         """Decides every record and every due timer; returns the transaction to commit."""
         batch = Batch()
+        for saga_id in self.retained.tombstones(now):
+            batch.records.append(
+                Outgoing(self.topics.snapshots, saga_id.encode(), None, partition=self.number)
+            )
+            batch.tombstoned += 1
         for record in records:
             batch.offsets[(record.topic, record.partition)] = record.offset + 1
             batch.inputs += 1
@@ -186,16 +240,29 @@ class OwnedPartition:
             except SagaError as exc:
                 log.error("saga %s: its timer could not be decided: %s", saga_id, exc)
                 continue
-            self._stage_decision(batch, decision)
+            if (problem := self._stage_decision(batch, decision)) is not None:
+                reason = f"its next decision cannot be written: {problem}"
+                found = give_up(definition, state, reason, now) if definition else None
+                if found is None or self._stage_decision(batch, found) is not None:
+                    log.error("saga %s: %s", saga_id, reason)
+                    continue
+                decision = found
             batch.committed.append(Committed(state, decision, "timer", None, (), now))
+        # Last, so that a request decided above found its saga in memory (memory only: on a
+        # failed commit the partition is recovered anew anyway).
+        batch.evicted = self.retained.evict(now, self.states, keep=batch.states)
         if batch.empty:
             return batch
-        t = self.topics
-        for state in batch.states.values():
-            snap = Snapshot(saga_id=state.saga_id, state=state.model_dump(mode="json"))
-            batch.records.append(
-                Outgoing(t.snapshots, state.saga_id.encode(), encode(snap), partition=self.number)
-            )
+        batch.records += batch.snapshots.values()
+        batch.records.append(self.checkpoint())
+        return batch
+
+    def set_aside(self, record: Record, detail: str) -> Batch:
+        """A transaction that only dead-letters ``record`` (reason ``transaction_failed``) and
+        moves past it: for an input whose transactions keep failing whatever else they hold."""
+        batch = Batch(inputs=1)
+        batch.offsets[(record.topic, record.partition)] = record.offset + 1
+        self._dead(batch, record, "transaction_failed", detail)
         batch.records.append(self.checkpoint())
         return batch
 
@@ -208,6 +275,7 @@ class OwnedPartition:
         for saga_id, state in batch.states.items():
             self.states[saga_id] = state
             self.arm(state)
+            self.retained.track(state)
 
     def _stage_record(self, batch: Batch, record: Record, now: float, catalog: Catalog) -> None:
         try:
@@ -226,6 +294,10 @@ class OwnedPartition:
         state = batch.states.get(saga_id) or self.states.get(saga_id)
         if isinstance(message, StartSaga):
             definition = catalog.for_start(message.saga_name)
+        elif state is None and saga_id in self.retained.evicted:
+            # Ended and out of memory (a request for it reloads it first): a late reply.
+            batch.ignored += 1
+            return
         elif state is None:
             self._dead(batch, record, "unknown_saga", f"no saga with id {saga_id!r}")
             return
@@ -251,32 +323,78 @@ class OwnedPartition:
                 decision.ignored,
             )
             return
-        self._stage_decision(batch, decision)
+        if (problem := self._stage_decision(batch, decision)) is not None:
+            found = self._when_too_large(batch, record, message, state, definition, now, problem)
+            if found is None:
+                return
+            decision = found
         reply = message if isinstance(message, Reply) else None
         batch.committed.append(
             Committed(state, decision, input_kind(message), reply, record.headers, now)
         )
 
-    def _stage_decision(self, batch: Batch, decision: Decision) -> None:
+    def _stage_decision(self, batch: Batch, decision: Decision) -> str | None:
+        """Stages the decision's records; or, if one of them is larger than a record may be,
+        stages nothing and says which."""
         state = decision.state
         if state is None:
-            return
-        batch.states[state.saga_id] = state
+            return None
         key = state.saga_id.encode()
-        t = self.topics
-        for event in decision.events:
-            batch.records.append(Outgoing(t.log, key, encode(event), partition=self.number))
+        t, n = self.topics, self.number
+        records = [Outgoing(t.log, key, encode(e), partition=n) for e in decision.events]
         for command in decision.commands:
             topic, headers = t.commands(command.service), self.observer.headers(command)
-            batch.records.append(Outgoing(topic, key, encode(command), headers))
-        for alert in decision.alerts:
-            batch.records.append(Outgoing(t.alerts, key, encode(alert)))
-            batch.alerts.append(alert)
+            records.append(Outgoing(topic, key, encode(command), headers))
+        records += [Outgoing(t.alerts, key, encode(alert)) for alert in decision.alerts]
+        snap = Snapshot(saga_id=state.saga_id, state=state.model_dump(mode="json"))
+        snapshot = Outgoing(t.snapshots, key, encode(snap), partition=n)
+        for r in (*records, snapshot):
+            if (size := _size(r)) > self.max_record_bytes:
+                return f"a record for {r.topic} would be {size} bytes, over {self.max_record_bytes}"
+        batch.states[state.saga_id] = state
+        batch.snapshots[state.saga_id] = snapshot
+        batch.records += records
+        batch.alerts += decision.alerts
         batch.events += len(decision.events)
         batch.commands += len(decision.commands)
+        return None
+
+    def _when_too_large(
+        self,
+        batch: Batch,
+        record: Record,
+        message: Input,
+        state: SagaState | None,
+        definition: SagaDefinition | None,
+        now: float,
+        problem: str,
+    ) -> Decision | None:
+        """What a decision whose records cannot be written turns into, for that saga alone."""
+        if isinstance(message, Reply) and message.ok and definition is not None:
+            # An output too large to keep: the step failed for good, by the saga's rules.
+            text = f"the output cannot be kept: {problem}"
+            error = ErrorInfo(type="OutputTooLarge", business=True, message=text)
+            failed = message.model_copy(update={"ok": False, "output": None, "error": error})
+            decision = decide(definition, state, failed, now)
+            if decision.state is not None and self._stage_decision(batch, decision) is None:
+                return decision
+        if state is not None and definition is not None:
+            reason = f"its next decision cannot be written: {problem}"
+            stuck = give_up(definition, state, reason, now)
+            if stuck is not None and self._stage_decision(batch, stuck) is None:
+                return stuck
+        self._dead(batch, record, "too_large", f"what it leads to cannot be written: {problem}")
+        return None
 
     def _dead(self, batch: Batch, record: Record, reason: str, detail: str) -> None:
         dead = DeadLetter(record, reason, detail)
         dead.log()
         batch.dead.append(dead)
         batch.records.append(dead.outgoing(self.topics.dlq))
+
+
+def _size(record: Outgoing) -> int:
+    """Roughly what the broker counts of a record: key, value and headers."""
+    headers = sum(len(k) + len(v) for k, v in record.headers)
+    return len(record.key or b"") + len(record.value or b"") + headers
+

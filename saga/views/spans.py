@@ -28,9 +28,12 @@ from saga.core.messages import (
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
+    SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    StartIgnored,
+    StartRefused,
     StepEvent,
     StepFailedEvent,
     StepResolved,
@@ -136,7 +139,14 @@ _SAGA_MARKS = {
     SagaStuck: "stuck",
     SagaResumed: "resumed",
     CancelRejected: "cancel rejected",
+    SagaRejected: "rejected",
+    StartIgnored: "start ignored",
+    StartRefused: "start refused",
 }
+
+
+_WITH_REASON = SagaAborted | SagaStuck | CancelRejected | SagaRejected | StartIgnored | StartRefused
+"""The saga-level events that carry a ``reason``, shown with their mark."""
 
 
 class _Open:
@@ -156,7 +166,8 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
     if not events:
         raise ValueError("a saga's spans need at least one event")
     first = events[0]
-    started = first if isinstance(first, SagaStarted) else None
+    # A saga's first event is its start, or a rejected start that a valid one followed.
+    started = next((e for e in events if isinstance(e, SagaStarted)), None)
     rows: dict[str, StepRow] = {n: StepRow(n) for n in (started.steps if started else [])}
     markers: list[Marker] = []
     open_: dict[tuple[str, Phase], _Open] = {}
@@ -219,7 +230,7 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
         kind = type(e)
         if kind in _SAGA_MARKS:
             label = _SAGA_MARKS[kind]
-            reason = e.reason if isinstance(e, SagaAborted | SagaStuck | CancelRejected) else None
+            reason = e.reason if isinstance(e, _WITH_REASON) else None
             text = f"{label}: {reason}" if reason else label
             markers.append(Marker(at, e.type, text))
     end = events[-1].at

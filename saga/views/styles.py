@@ -15,6 +15,7 @@ STATUS_STYLE: dict[str, str] = {
     "completed": "green",
     "compensated": "cyan",
     "stuck": "bold magenta",
+    "rejected": "red",
     # steps (the ones not named above)
     "pending": "dim",
     "retrying": "yellow",

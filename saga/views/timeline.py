@@ -42,6 +42,7 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; marg
 dt { color: #666; } dd { margin: 0; }
 .status-completed { color: #2e7d32; } .status-compensated { color: #00897b; }
 .status-stuck { color: #6a1b9a; } .status-running, .status-compensating { color: #1565c0; }
+.status-rejected { color: #c62828; }
 svg text { font: 12px system-ui, sans-serif; fill: #222; }
 svg .axis { stroke: #bbb; } svg .grid { stroke: #eee; }
 rect.succeeded { fill: #2e7d32; } rect.compensation.succeeded { fill: #00897b; }
@@ -52,6 +53,8 @@ rect.stuck { fill: #6a1b9a; } rect.running { fill: #1565c0; }
 .mark.saga_completed line { stroke: #2e7d32; } .mark.saga_compensated line { stroke: #00897b; }
 .mark.saga_aborted line { stroke: #c62828; } .mark.saga_stuck line { stroke: #6a1b9a; }
 .mark.saga_started line, .mark.saga_resumed line, .mark.cancel_rejected line { stroke: #1565c0; }
+.mark.saga_rejected line { stroke: #c62828; }
+.mark.start_ignored line, .mark.start_refused line { stroke: #999; }
 .point { fill: #fff; stroke: #222; stroke-width: 1.5; }
 table { border-collapse: collapse; margin-top: 16px; font-size: 13px; }
 th, td { text-align: left; padding: 3px 10px; border-bottom: 1px solid #eee; vertical-align: top; }
@@ -119,6 +122,8 @@ def _header(sp: SagaSpans) -> str:
     ]
     if reason:
         rows.append(("reason", _esc(reason)))
+    if sp.state is not None and sp.state.digest:
+        rows.insert(1, ("digest", _esc(sp.state.digest)))
     items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     return f"<header><h1>saga {_esc(sp.saga_id)}</h1><dl>{items}</dl></header>"
 

@@ -35,7 +35,7 @@ from rich.text import Text
 
 from saga.core.messages import EventBase
 from saga.core.replay import Replay
-from saga.core.state import SagaState, SagaStatus, StepStatus
+from saga.core.state import RECORD_ONLY, SagaState, SagaStatus, StepStatus
 from saga.runtime.ports import Record, Topics, Transport
 from saga.views.spans import step_of
 from saga.views.styles import add_row, status_style
@@ -145,8 +145,8 @@ async def watch(
             event, state = found.event, found.state
             folded += 1
             progress.events += 1
-            if state.is_final:
-                progress.finished += 1
+            if state.is_final and type(event) not in RECORD_ONLY:
+                progress.finished += 1  # a duplicate start of a finished saga is no new finish
             if as_json:
                 _write(out, orjson.dumps(_update(event, state)).decode())
             elif frame is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from saga.core.decide import Decision, Input, Tick, decide, next_due
 from saga.core.definition import Dependency, RetryPolicy, SagaDefinition, Step, StepKind
@@ -118,11 +118,15 @@ class Driver:
     alerts: list[Alert] = field(default_factory=list)
     last: Decision | None = None
 
-    def send(self, message: Input) -> Decision:
-        """Decides ``message`` at ``now`` and keeps the result."""
+    def send(
+        self, message: Input, definition: SagaDefinition | Literal["given"] | None = "given"
+    ) -> Decision:
+        """Decides ``message`` at ``now`` (with ``definition``, the driver's own unless given)
+        and keeps the result."""
         before = self.state
-        decision = decide(self.definition, self.state, message, self.now)
-        again = decide(self.definition, self.state, message, self.now)
+        d = self.definition if definition == "given" else definition
+        decision = decide(d, self.state, message, self.now)
+        again = decide(d, self.state, message, self.now)
         assert again == decision, "decide is not a pure function"
         assert self.state == before, "decide changed the state it was given"
         if decision.events:
@@ -139,16 +143,27 @@ class Driver:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def start(self, saga_input: dict[str, Any] | None = None) -> Decision:
-        return self.send(
-            StartSaga(
-                message_id=f"start/{self.saga_id}",
-                saga_id=self.saga_id,
-                saga_name=self.definition.name,
-                input=saga_input if saga_input is not None else {"order": 7},
-                at=self.now,
-            )
+    def start(
+        self,
+        saga_input: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        if_exists: Literal["return", "refuse"] = "return",
+        definition: SagaDefinition | Literal["given"] | None = "given",
+    ) -> Decision:
+        """A start request; ``definition=None`` decides it as a coordinator that has no
+        definition of that name would."""
+        message = StartSaga(
+            message_id=f"start/{self.saga_id}",
+            saga_id=self.saga_id,
+            saga_name=name or self.definition.name,
+            input=saga_input if saga_input is not None else {"order": 7},
+            at=self.now,
+            if_exists=if_exists,
         )
+        if definition == "given":
+            return self.send(message)
+        return self.send(message, definition)
 
     def reply(self, command: Command, outcome: str = "ok", **kw: Any) -> Decision:
         return self.send(reply_to(command, outcome, at=self.now, **kw))

@@ -28,6 +28,22 @@ EVENTS: list[BaseModel] = [
         input={"total": 12.5, "items": ["pasta", {"qty": 2}], "note": "é ✓"},
         steps=["pay", "ship"],
     ),
+    m.SagaStarted(**BASE, name="order", version=2, input={}, steps=["pay"], digest="0123abcd"),
+    m.SagaRejected(
+        **BASE, name="ordr", input={"a": 1}, reason="no saga definition 'ordr'", message_id="m"
+    ),
+    m.SagaRejected(
+        **BASE,
+        name="order",
+        version=2,
+        digest="0123abcd",
+        input={"a": "x"},
+        reason="input is invalid",
+        message_id="m",
+    ),
+    m.StartIgnored(**BASE, message_id="m", reason="exists", differs=[]),
+    m.StartIgnored(**BASE, message_id="m", reason="exists", differs=["input"]),
+    m.StartRefused(**BASE, message_id="m", reason="exists", differs=["name", "input"]),
     m.StepStarted(**BASE, step="pay", attempt=1, deadline_at=1_700_000_030.0),
     m.StepSucceeded(**BASE, step="pay", attempt=2, output={"charge": "c-1", "none": None}),
     m.StepRetryScheduled(**BASE, step="pay", attempt=1, error=ERR, retry_at=1_700_000_001.5),
@@ -54,6 +70,9 @@ EVENTS: list[BaseModel] = [
 ]
 REQUESTS: list[BaseModel] = [
     m.StartSaga(message_id="m1", saga_id="saga-1", saga_name="order", input={"a": 1}, at=1.0),
+    m.StartSaga(
+        message_id="m1", saga_id="s", saga_name="order", input={}, at=1.0, if_exists="refuse"
+    ),
     m.CancelSaga(message_id="m2", saga_id="saga-1", at=2.0),
     m.CancelSaga(message_id="m3", saga_id="saga-1", reason="changed my mind", at=2.0),
     m.RetrySaga(message_id="m4", saga_id="saga-1", at=3.0),
@@ -99,6 +118,7 @@ OTHERS: list[BaseModel] = [
     ),
     m.Snapshot(saga_id="saga-1", state={"status": "running", "steps": {"pay": {"attempt": 1}}}),
     m.Checkpoint(partition=3, log_offset=12_345),
+    m.Checkpoint(partition=3, log_offset=12_345, partitions=6),
     m.Alert(saga_id="saga-1", saga_name="order", reason="stuck", steps=["pay"], at=5.0),
 ]
 
@@ -136,6 +156,48 @@ def test_an_event_is_not_a_request(message: BaseModel) -> None:
     with pytest.raises(DecodeError) as caught:
         decode(m.request_adapter, encode(message))
     assert caught.value.reason == "invalid_message"
+
+
+def test_new_optional_fields_are_written_only_when_set_and_old_records_still_read() -> None:
+    # Records written before the id-reuse policy, the definition digest and the recorded
+    # partition count still decode; and a record that does not use them is written as before.
+    start = REQUESTS[0]
+    assert b"if_exists" not in encode(start)
+    assert start.if_exists == "return"  # type: ignore[attr-defined]
+    assert b'"if_exists":"refuse"' in encode(REQUESTS[1])
+    old_start = (
+        b'{"v":1,"type":"start","message_id":"m","saga_id":"s","saga_name":"n","input":{},"at":1}'
+    )
+    assert decode(m.request_adapter, old_start).if_exists == "return"  # type: ignore[union-attr]
+    started = EVENTS[0]
+    assert b"digest" not in encode(started)
+    assert orjson.loads(encode(EVENTS[1]))["digest"] == "0123abcd"
+    checkpoint = decode(
+        m.snapshot_adapter, b'{"v":1,"type":"checkpoint","partition":1,"log_offset":5}'
+    )
+    assert isinstance(checkpoint, m.Checkpoint)
+    assert checkpoint.partitions is None
+    assert b"partitions" not in encode(checkpoint)
+    assert orjson.loads(encode(OTHERS[-2]))["partitions"] == 6
+
+
+def test_a_command_carries_its_budget_and_one_written_before_budgets_still_reads() -> None:
+    command = OTHERS[0]
+    assert isinstance(command, m.Command)
+    with_budget = command.model_copy(update={"budget": 30.0})
+    assert decode(m.command_adapter, encode(with_budget)) == with_budget
+    old = orjson.loads(encode(command))
+    old.pop("budget", None)
+    decoded = decode(m.command_adapter, orjson.dumps(old))
+    assert decoded.budget is None  # the participant uses deadline_at - at, the same span
+    assert decoded.deadline_at - decoded.at == 30.0
+
+
+@pytest.mark.parametrize("policy", ["replace", "", None, 1])
+def test_an_unknown_id_reuse_policy_is_an_invalid_message(policy: Any) -> None:
+    error = _reason(orjson.dumps({**_valid(), "if_exists": policy}))
+    assert error.reason == "invalid_message"
+    assert "if_exists" in error.detail
 
 
 def _valid() -> dict[str, Any]:

@@ -7,12 +7,25 @@ alone) and that the decision's state is the fold of its events.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 from pydantic import BaseModel
 
 from saga.core.decide import Tick, decide, idempotency_key, next_due
 from saga.core.definition import RetryPolicy, SagaDefinition, StepKind
-from saga.core.messages import CancelSaga, ErrorInfo, Reply, ResolveSaga, RetrySaga, StartSaga
+from saga.core.messages import (
+    CancelSaga,
+    ErrorInfo,
+    Reply,
+    ResolveSaga,
+    RetrySaga,
+    SagaRejected,
+    SagaStarted,
+    StartIgnored,
+    StartRefused,
+    StartSaga,
+)
 from saga.core.state import SagaStatus, StepStatus
 from tests.core.support import NO_JITTER, T0, Driver, chain, make_step, reply_to
 
@@ -52,6 +65,7 @@ def test_happy_chain_sends_one_command_per_decision_in_order() -> None:
     assert command.attempt == 1
     assert command.payload == {"order": 7}
     assert command.deadline_at == T0 + 30
+    assert command.budget == 30  # the step's timeout, for the participant to count itself
     assert command.saga_name == "chain"
     assert command.saga_version == 1
 
@@ -457,7 +471,9 @@ def test_compensation_failing_until_exhausted_makes_the_saga_stuck() -> None:
     assert resumed.events[0].compensating is True  # type: ignore[attr-defined]
     (undo,) = resumed.commands
     assert undo.attempt == 4
-    assert undo.idempotency_key == "saga-1/a/compensation/r3"
+    # One key across the retry: a compensation that took effect before (its reply lost) must
+    # not take effect again under a new key.
+    assert undo.idempotency_key == "saga-1/a/compensation"
     drv.reply(undo)
     assert drv.state.status is SagaStatus.COMPENSATED
 
@@ -769,22 +785,79 @@ def test_inputs_for_a_saga_that_has_not_started_are_rejected() -> None:
     assert drv.state is None
 
 
-def test_start_without_a_definition_is_rejected() -> None:
-    start = StartSaga(message_id="m", saga_id="s", saga_name="nope", input={}, at=1)
-    assert decide(None, None, start, 1.0).rejected == "no saga definition named 'nope'"
+def test_start_without_a_definition_is_recorded_as_a_rejected_saga() -> None:
+    # Not a dead letter: the start is answered. The saga is recorded as rejected, with the
+    # reason, so that status and wait report it instead of "not started" for ever.
+    start = StartSaga(message_id="m", saga_id="s", saga_name="nope", input={"a": 1}, at=1)
+    decision = decide(None, None, start, 1.0)
+    assert (decision.rejected, decision.ignored, decision.commands) == (None, None, ())
+    (event,) = decision.events
+    assert isinstance(event, SagaRejected)
+    assert (event.seq, event.name, event.input, event.message_id) == (1, "nope", {"a": 1}, "m")
+    assert (event.version, event.digest) == (None, None)
+    assert event.reason == "no saga definition named 'nope'"
+    assert decision.state is not None
+    assert decision.state.status is SagaStatus.REJECTED
+    assert decision.state.reason == "no saga definition named 'nope'"
+    assert decision.state.is_final
 
 
-def test_start_with_invalid_input_is_rejected() -> None:
+def test_start_with_invalid_input_is_recorded_as_rejected_and_can_be_started_again() -> None:
     class Order(BaseModel):
         total: int
 
     d = SagaDefinition(name="s", steps=(make_step("a"),), input_model=Order)
     drv = Driver(d)
     rejected = drv.start({"total": "lots"})
-    assert rejected.rejected is not None
-    assert "total" in rejected.rejected
-    assert drv.state is None
-    assert drv.start({"total": 3}).rejected is None
+    assert rejected.rejected is None
+    assert drv.event_types(rejected) == ["saga_rejected"]
+    assert rejected.commands == ()
+    (event,) = rejected.events
+    assert isinstance(event, SagaRejected)
+    assert (event.version, event.digest) == (1, d.digest)
+    assert event.reason.startswith("saga 's': input is invalid: total")
+    assert drv.state is not None
+    assert drv.state.status is SagaStatus.REJECTED
+    assert drv.state.reason == event.reason
+    # Nothing ran, so the id can be started again with a valid request.
+    started = drv.start({"total": 3})
+    assert started.rejected is None
+    assert drv.event_types(started) == ["saga_started", "step_started"]
+    assert [e.seq for e in drv.events] == [1, 2, 3]
+    assert drv.state.status is SagaStatus.RUNNING
+    assert (drv.state.input, drv.state.reason) == ({"total": 3}, None)
+
+
+def test_a_rejected_saga_can_be_started_once_its_definition_is_deployed() -> None:
+    drv = Driver(chain("a"))
+    drv.start(definition=None)
+    assert drv.state is not None
+    assert drv.state.status is SagaStatus.REJECTED
+    assert drv.event_types(drv.start()) == ["saga_started", "step_started"]
+    drv.reply(drv.open_command("a"))
+    assert drv.state.status is SagaStatus.COMPLETED
+
+
+def test_inputs_for_a_rejected_saga_need_no_definition() -> None:
+    drv = Driver(chain("a"))
+    drv.start(name="nope", definition=None)
+    cancel = drv.send(
+        CancelSaga(message_id="c", saga_id="saga-1", reason="never mind", at=T0), None
+    )
+    assert drv.event_types(cancel) == ["cancel_rejected"]
+    assert cancel.events[0].reason == "the saga is rejected"  # type: ignore[attr-defined]
+    retry = drv.send(RetrySaga(message_id="r", saga_id="saga-1", at=T0), None)
+    assert retry.ignored == "saga 'saga-1' is rejected, not stuck"
+    assert drv.send(Tick("saga-1", T0 + 999), None).ignored == "nothing due"
+    reply = Reply(
+        message_id="x", saga_id="saga-1", step="a", phase="action", attempt=1, service="svc-a",
+        ok=True, output={}, at=T0,
+    )  # fmt: skip
+    assert drv.send(reply, None).rejected == (
+        "saga 'saga-1' was rejected (no saga definition named 'nope'): it sent no commands"
+    )
+    assert drv.state is not None
+    assert drv.state.status is SagaStatus.REJECTED
 
 
 def test_stale_and_duplicate_replies_are_ignored() -> None:
@@ -804,13 +877,87 @@ def test_stale_and_duplicate_replies_are_ignored() -> None:
     assert undo.ignored == "saga 'saga-1', step 'b': stale compensation reply for attempt 1"
 
 
-def test_duplicate_start_is_ignored() -> None:
+def test_duplicate_start_keeps_the_saga_and_is_recorded() -> None:
     drv = _running()
-    again = drv.start({"other": "input"})
-    assert again.ignored == "saga 'saga-1' has already started"
-    assert again.events == ()
+    before = drv.state
+    assert before is not None
+    same = drv.start()
+    assert (same.rejected, same.ignored, same.commands) == (None, None, ())
+    (event,) = same.events
+    assert isinstance(event, StartIgnored)
+    assert (event.seq, event.message_id, event.differs) == (before.seq + 1, "start/saga-1", [])
+    assert event.reason == "saga 'saga-1' has already started (running): the existing saga is kept"
+    other = drv.start({"other": "input"})
+    (event,) = other.events
+    assert isinstance(event, StartIgnored)
+    assert event.differs == ["input"]
+    assert event.reason == (
+        "saga 'saga-1' has already started (running) with another input: the existing saga is "
+        "kept (if_exists='return')"
+    )
     assert drv.state is not None
     assert drv.state.input == {"order": 7}
+    assert drv.state.status is SagaStatus.RUNNING
+    assert drv.state.steps == before.steps
+
+
+def test_duplicate_start_under_refuse_is_refused_when_it_differs() -> None:
+    drv = _running()
+    refused = drv.start({"other": "input"}, if_exists="refuse")
+    (event,) = refused.events
+    assert isinstance(event, StartRefused)
+    assert event.differs == ["input"]
+    assert event.reason == (
+        "saga 'saga-1' has already started (running) with another input: refused "
+        "(if_exists='refuse')"
+    )
+    renamed = drv.start(name="other-saga", if_exists="refuse")
+    (event,) = renamed.events
+    assert isinstance(event, StartRefused)
+    assert event.differs == ["name"]
+    assert "as 'order', not 'other-saga'" in event.reason
+    # The same request again is no conflict: it is kept, as under "return".
+    (event,) = drv.start(if_exists="refuse").events
+    assert isinstance(event, StartIgnored)
+    assert event.differs == []
+    assert drv.state is not None
+    assert drv.state.input == {"order": 7}
+
+
+@pytest.mark.parametrize("if_exists", ["return", "refuse"])
+@pytest.mark.parametrize("ending", ["completed", "compensated"])
+def test_duplicate_start_of_a_finished_saga_is_recorded_without_changing_it(
+    if_exists: Literal["return", "refuse"], ending: str
+) -> None:
+    drv = Driver(chain("a"))
+    drv.start()
+    drv.reply(drv.open_command("a"), "ok" if ending == "completed" else "business")
+    final = drv.state
+    assert final is not None
+    assert final.status.value == ending
+    drv.now = T0 + 100
+    # Even with a definition unknown to this coordinator: the existing saga answers.
+    decision = drv.start({"order": 8}, name="gone", if_exists=if_exists, definition=None)
+    (event,) = decision.events
+    assert type(event) is (StartRefused if if_exists == "refuse" else StartIgnored)
+    assert event.differs == ["name", "input"]  # type: ignore[attr-defined]
+    assert decision.commands == ()
+    assert drv.state is not None
+    assert drv.state.status is final.status
+    assert drv.state.finished_at == final.finished_at
+    assert drv.state.steps == final.steps
+    assert drv.state.seq == final.seq + 1
+
+
+def test_the_definition_digest_is_recorded_on_the_saga() -> None:
+    d = chain("a", "b")
+    drv = Driver(d)
+    drv.start()
+    started = drv.events[0]
+    assert isinstance(started, SagaStarted)
+    assert started.digest == d.digest
+    assert drv.state is not None
+    assert drv.state.digest == d.digest
 
 
 def test_tick_with_nothing_due_is_ignored() -> None:
@@ -843,6 +990,7 @@ def test_idempotency_key_function() -> None:
     assert idempotency_key("s", "a", "action") == "s/a/action"
     assert idempotency_key("s", "a", "compensation", 0) == "s/a/compensation"
     assert idempotency_key("s", "a", "action", 2) == "s/a/action/r2"
+    assert idempotency_key("s", "a", "compensation", 2) == "s/a/compensation"  # never a round
 
 
 def test_decide_is_pure() -> None:

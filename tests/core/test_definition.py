@@ -510,6 +510,113 @@ def test_schema_error_in_a_nameless_step_names_its_position() -> None:
     assert any("step '#1'" in p and "name: Field required" in p for p in problems)
 
 
+# -- finite numbers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "NaN"])
+@pytest.mark.parametrize(
+    ("field", "where"),
+    [
+        ("timeout", "timeout"),
+        ("retry.initial_backoff", "retry.initial_backoff"),
+        ("retry.multiplier", "retry.multiplier"),
+        ("retry.max_backoff", "retry.max_backoff"),
+        ("retry.jitter", "retry.jitter"),
+        ("compensation_retry.max_backoff", "compensation_retry.max_backoff"),
+    ],
+)
+def test_rule_finite_rejects_inf_and_nan_in_every_float(field: str, where: str, value: Any) -> None:
+    # An infinite timeout or backoff would leave a saga waiting for ever.
+    head, _, tail = field.partition(".")
+    step = _s("pay", **({head: {tail: value}} if tail else {head: value}))
+    problem = _one_problem(_data(_s("a"), step), "finite", "pay")
+    assert problem.startswith(f"saga 's', step 'pay': [finite] {where}: ")
+    assert "a finite number" in problem
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name: s\nsteps:\n  - {name: a, service: s, action: x, kind: pivot, timeout: .inf}\n",
+        "name: s\nsteps:\n  - {name: a, service: s, action: x, kind: pivot, timeout: .nan}\n",
+        "name: s\nsteps:\n  - name: a\n    service: s\n    action: x\n    kind: pivot\n"
+        "    retry: {max_backoff: .inf}\n",
+    ],
+)
+def test_rule_finite_in_yaml(text: str) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        SagaDefinition.from_yaml(text)
+    (problem,) = caught.value.problems
+    assert problem.startswith("saga 's', step 'a': [finite] ")
+
+
+def test_rule_finite_in_json() -> None:
+    text = '{"name": "s", "steps": [{"name": "a", "service": "s", "action": "x", "kind": "pivot",'
+    with pytest.raises(DefinitionError) as caught:
+        SagaDefinition.from_json(text + ' "timeout": Infinity}]}')
+    assert caught.value.problems[0].startswith("saga 's', step 'a': [finite] timeout: ")
+
+
+def test_python_definitions_refuse_inf_and_nan_too() -> None:
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match="finite number"):
+            Step(name="a", service="s", action="x", kind="pivot", timeout=bad)
+        with pytest.raises(ValidationError, match="finite number"):
+            RetryPolicy(max_backoff=bad)
+
+
+# -- the digest ------------------------------------------------------------------------------------
+
+
+def test_digest_is_a_stable_hash_of_the_content() -> None:
+    d = SagaDefinition.from_yaml(ORDER_YAML)
+    assert len(d.digest) == 16
+    assert all(c in "0123456789abcdef" for c in d.digest)
+    # Whichever way it is written: Python, YAML, JSON, or with the defaults spelled out.
+    assert SagaDefinition.from_json(json.dumps(d.to_dict())).digest == d.digest
+    spelled = d.model_dump(mode="json")
+    assert SagaDefinition.from_dict(spelled).digest == d.digest
+    assert SagaDefinition.from_dict(json.loads(json.dumps(spelled, indent=3))).digest == d.digest
+    # A known value, so that a change to the hashing (which would make every recorded digest
+    # look foreign) is seen here first.
+    one = SagaDefinition(name="one", steps=(Step(name="a", service="s", action="x", kind="pivot"),))
+    assert one.digest == SagaDefinition.from_dict(one.to_dict()).digest
+    assert one.digest == "8abdabb898f7f145"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda data: data["steps"][0].update(timeout=11),
+        lambda data: data["steps"][0].update(action="other"),
+        lambda data: data["steps"][1]["retry"].update(max_attempts=6),
+        lambda data: data.update(description="changed"),
+        lambda data: data["steps"].reverse(),
+    ],
+)
+def test_digest_changes_with_any_field(change: Any) -> None:
+    d = SagaDefinition.from_yaml(ORDER_YAML)
+    data = d.to_dict()
+    change(data)
+    assert SagaDefinition.from_dict(data).digest != d.digest
+
+
+def test_digest_covers_python_only_models() -> None:
+    class Payload(BaseModel):
+        amount: int
+
+    class Other(BaseModel):
+        amount: str
+
+    plain = SagaDefinition(name="s", steps=(make_step("a"),))
+    typed = SagaDefinition(name="s", steps=(make_step("a"),), input_model=Payload)
+    step_typed = SagaDefinition(name="s", steps=(make_step("a", output_model=Payload),))
+    other = SagaDefinition(name="s", steps=(make_step("a"),), input_model=Other)
+    assert len({plain.digest, typed.digest, step_typed.digest, other.digest}) == 4
+    again = SagaDefinition(name="s", steps=(make_step("a"),), input_model=Payload)
+    assert again.digest == typed.digest
+
+
 def test_malformed_yaml_or_json_is_not_a_definition_error() -> None:
     with pytest.raises(json.JSONDecodeError):
         SagaDefinition.from_json("{")

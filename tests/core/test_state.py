@@ -20,9 +20,12 @@ from saga.core.messages import (
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
+    SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    StartIgnored,
+    StartRefused,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
@@ -33,6 +36,7 @@ from saga.core.messages import (
 )
 from saga.core.state import (
     FINAL_STATUSES,
+    RECORD_ONLY,
     SAGA_TRANSITIONS,
     STEP_TRANSITIONS,
     SagaState,
@@ -92,6 +96,10 @@ SAGA_EVENT_FIELDS: dict[type[EventBase], dict[str, Any]] = {
     SagaCompensated: {},
     SagaStuck: {"reason": "stuck"},
     SagaResumed: {"compensating": False},
+    SagaRejected: {"name": "order", "input": {}, "reason": "no such saga", "message_id": "m"},
+    StartIgnored: {"message_id": "m", "reason": "exists", "differs": []},
+    StartRefused: {"message_id": "m", "reason": "exists", "differs": ["input"]},
+    CancelRejected: {"reason": "too late"},
 }
 
 
@@ -254,6 +262,9 @@ def test_no_step_event_after_the_saga_ended(kind: type[EventBase], ended: SagaSt
 def _saga_in(status: SagaStatus) -> SagaState:
     """A saga brought to ``status`` by a realistic history."""
     log = Log()
+    if status is SagaStatus.REJECTED:
+        log(SagaRejected, name="order", input={"total": "x"}, reason="bad input", message_id="m")
+        return log.state()
     _started(log, steps=("a",))
     if status is SagaStatus.RUNNING:
         return log.state()
@@ -334,6 +345,94 @@ def test_cancel_rejected_changes_no_status() -> None:
         assert after.status is state.status
         assert after.steps == state.steps
         assert after.seq == state.seq + 1
+
+
+@pytest.mark.parametrize("kind", sorted(RECORD_ONLY, key=lambda k: k.__name__))
+@pytest.mark.parametrize("status", list(SagaStatus))
+def test_record_only_events_are_legal_in_every_status_and_change_nothing_else(
+    kind: type[EventBase], status: SagaStatus
+) -> None:
+    # A duplicate start (or a late cancel) appended to a finished saga is in the tables, as a
+    # self-loop: the status, the finish time, the steps and the reason all stay as they were.
+    state = _saga_in(status)
+    assert SAGA_TRANSITIONS[(kind, status)] is status
+    after = evolve(state, _saga_event(kind, state))
+    assert after.status is status
+    assert after.finished_at == state.finished_at
+    assert after.steps == state.steps
+    assert after.reason == state.reason
+    assert after.input == state.input
+    assert (after.seq, after.updated_at) == (state.seq + 1, 900.0)
+
+
+def test_a_rejected_start_is_a_final_saga_with_its_reason_and_request() -> None:
+    event = SagaRejected(
+        saga_id=SAGA,
+        seq=1,
+        at=50.0,
+        name="ordr",
+        input={"total": 5},
+        reason="no saga definition named 'ordr'",
+        message_id="m-1",
+    )
+    state = evolve(None, event)
+    assert state.status is SagaStatus.REJECTED
+    assert state.is_final
+    assert SagaStatus.REJECTED in FINAL_STATUSES
+    assert (state.name, state.version, state.digest) == ("ordr", 0, None)
+    assert state.input == {"total": 5}
+    assert state.steps == {}
+    assert state.reason == "no saga definition named 'ordr'"
+    assert (state.started_at, state.finished_at, state.seq) == (50.0, 50.0, 1)
+    assert state.percent_complete() == 0
+    assert SagaState.model_validate(state.model_dump(mode="json")) == state
+
+
+def test_a_rejected_saga_can_be_started_again_and_rejected_again() -> None:
+    log = Log()
+    log(SagaRejected, name="order", input={}, reason="input is invalid", message_id="m-1")
+    log(SagaRejected, name="order", input={"x": 1}, reason="still invalid", message_id="m-2")
+    again = log.state()
+    assert (again.status, again.reason, again.input, again.seq) == (
+        SagaStatus.REJECTED,
+        "still invalid",
+        {"x": 1},
+        2,
+    )
+    log(SagaStarted, name="order", version=2, input={"total": 5}, steps=["a"], digest="d1")
+    state = log.state()
+    assert state.status is SagaStatus.RUNNING
+    assert (state.seq, state.version, state.digest, state.input) == (3, 2, "d1", {"total": 5})
+    assert (state.reason, state.finished_at, state.started_at) == (None, None, 103.0)
+    assert state.steps == {"a": StepState()}
+    # Once it runs, it cannot be rejected (or started) again.
+    for kind in (SagaRejected, SagaStarted):
+        with pytest.raises(IllegalTransition):
+            evolve(state, _saga_event(kind, state))
+
+
+def test_a_rejected_start_must_be_event_one() -> None:
+    event = SagaRejected(
+        saga_id=SAGA, seq=2, at=1, name="order", input={}, reason="x", message_id="m"
+    )
+    with pytest.raises(IllegalTransition, match="must be event 1"):
+        evolve(None, event)
+
+
+@pytest.mark.parametrize("kind", STEP_EVENTS, ids=lambda k: k.__name__)
+def test_no_step_event_for_a_rejected_saga(kind: type[EventBase]) -> None:
+    state = _saga_in(SagaStatus.REJECTED)
+    with pytest.raises(IllegalTransition):
+        evolve(state, _step_event(kind, state))
+
+
+def test_the_definition_digest_is_kept_on_the_state() -> None:
+    event = SagaStarted(
+        saga_id=SAGA, seq=1, at=1, name="order", version=2, input={}, steps=["a"], digest="abc"
+    )
+    assert evolve(None, event).digest == "abc"
+    old = SagaStarted(saga_id=SAGA, seq=1, at=1, name="order", version=2, input={}, steps=["a"])
+    assert evolve(None, old).digest is None
 
 
 # -- folding a whole history -----------------------------------------------------------------------
