@@ -2,9 +2,11 @@
 
 Every message carries ``v``, its schema version, and a literal ``type`` so that a topic's
 messages form one discriminated union, decoded by one module-level `TypeAdapter`; every adapter
-of the engine is defined here, at the bottom. Events share `EventBase`, and the events about one
-step share `StepEvent` (``step`` and ``attempt``), so readers of the log use attributes that the
-type checker knows instead of probing for them. Unknown fields are rejected. Times are seconds
+of the engine is defined here, at the bottom, and every message is importable from here. The
+events live in `saga.core.events` (they share `EventBase`, and the events about one step share
+`StepEvent`: ``step`` and ``attempt``, so readers of the log use attributes that the type
+checker knows instead of probing for them); the base model and the small shared types in
+`saga.core.wire`. Unknown fields are rejected. Times are seconds
 since the epoch (floats): they are what the clock port returns, cheap to encode, and
 `saga replay` renders them for people.
 
@@ -20,9 +22,45 @@ Topics and what they hold (see DESIGN section 3):
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
+
+from saga.core.events import (
+    CancelRejected,
+    CompensationResolved,
+    CompensationRetryScheduled,
+    CompensationStarted,
+    CompensationSucceeded,
+    Event,
+    EventBase,
+    SagaAborted,
+    SagaCompensated,
+    SagaCompleted,
+    SagaRejected,
+    SagaResumed,
+    SagaStarted,
+    SagaStuck,
+    StartIgnored,
+    StartRefused,
+    StepEvent,
+    StepFailedEvent,
+    StepResolved,
+    StepRetryScheduled,
+    StepStarted,
+    StepStuck,
+    StepSucceeded,
+    StepTimedOut,
+)
+from saga.core.wire import (
+    SCHEMA_VERSION,
+    ErrorInfo,
+    IfExists,
+    JsonObject,
+    Phase,
+    WireMessage,
+    unset,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -72,57 +110,10 @@ __all__ = [
     "snapshot_adapter",
 ]
 
-SCHEMA_VERSION = 1
-"""The schema version written by this release. Readers accept every version they know."""
-
-Phase = Literal["action", "compensation"]
-"""Whether a command or reply concerns a step's action or its compensation."""
-
-JsonObject = dict[str, Any]
-
-IfExists = Literal["return", "refuse"]
-"""The id-reuse policy of a start request for an id that already names a saga (`StartSaga`)."""
-
-
-def _unset(value: object) -> bool:
-    # Optional fields added after release 1 are left out of a record that does not use them,
-    # so that such a record is byte for byte what an older release wrote.
-    return value is None
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    v: Literal[1] = 1
-    """Schema version of this message."""
-
-
-class ErrorInfo(_Message):
-    """What went wrong in a step, as reported by a participant or the coordinator."""
-
-    type: str
-    """Exception type name, ``StepFailed`` for business failures, ``Timeout`` for deadlines.
-
-    The participant also reports, without an exception of that name: ``OutputInvalid`` (the
-    handler's output is not a JSON object: not a dict, or holding a NaN, bytes, an object, a key
-    that is not a string; business) and ``OutputTooLarge`` (the reply would exceed the
-    participant's ``max_reply_bytes``; business), both permanent: running again would return
-    the same; ``Expired`` (the command was older than its budget when the participant took it,
-    so the handler did not run; technical) and ``Redelivered`` (the command came again and
-    again without its handler ever finishing, its process dying each time, so it was
-    dead-lettered instead of run once more; technical)."""
-    message: str
-    """Human-readable reason."""
-    business: bool = False
-    """True for a business failure (not retried)."""
-    details: JsonObject = Field(default_factory=dict)
-    """Structured data the participant attached."""
-
-
 # -- requests (clients -> coordinator) ------------------------------------------------------------
 
 
-class StartSaga(_Message):
+class StartSaga(WireMessage):
     """Asks the coordinator to start a saga. An id names one saga: starting it twice starts it
     once.
 
@@ -145,7 +136,7 @@ class StartSaga(_Message):
     """What a start for an id that exists does: ``return`` (keep it) or ``refuse``."""
 
 
-class CancelSaga(_Message):
+class CancelSaga(WireMessage):
     """Asks the coordinator to cancel a saga; honoured until its pivot starts."""
 
     type: Literal["cancel"] = "cancel"
@@ -155,7 +146,7 @@ class CancelSaga(_Message):
     at: float
 
 
-class RetrySaga(_Message):
+class RetrySaga(WireMessage):
     """Operator command: run a stuck saga's stuck steps or compensations again."""
 
     type: Literal["retry"] = "retry"
@@ -164,7 +155,7 @@ class RetrySaga(_Message):
     at: float
 
 
-class ResolveSaga(_Message):
+class ResolveSaga(WireMessage):
     """Operator command: declare a stuck saga's stuck steps handled by hand.
 
     A step stuck going forward counts as succeeded; one stuck compensating counts as
@@ -188,7 +179,7 @@ request_adapter: TypeAdapter[Request] = TypeAdapter(
 # -- commands and replies -------------------------------------------------------------------------
 
 
-class Command(_Message):
+class Command(WireMessage):
     """A step's action or compensation, sent to the service's command topic."""
 
     type: Literal["command"] = "command"
@@ -217,7 +208,7 @@ class Command(_Message):
     upgrade participants before coordinators."""
 
 
-class Reply(_Message):
+class Reply(WireMessage):
     """A participant's outcome for one command."""
 
     type: Literal["reply"] = "reply"
@@ -233,239 +224,13 @@ class Reply(_Message):
     at: float
 
 
-# -- events (the log) -----------------------------------------------------------------------------
-
-
-class EventBase(_Message):
-    """Fields every event has. ``seq`` numbers a saga's events from 1 without gaps."""
-
-    type: str
-    """The event's kind; each event class narrows it to its own literal."""
-    saga_id: str
-    seq: int = Field(ge=1)
-    at: float
-
-
-class StepEvent(EventBase):
-    """An event about one step: its action or its compensation, at one attempt."""
-
-    step: str
-    attempt: int
-    """The attempt of the action (or, for compensation events, of the compensation)."""
-
-
-class SagaStarted(EventBase):
-    """A saga began with its input; the first event of every saga."""
-
-    type: Literal["saga_started"] = "saga_started"
-    name: str
-    version: int
-    input: JsonObject
-    steps: list[str]
-    """The definition's step names, all pending."""
-    digest: str | None = Field(default=None, exclude_if=_unset)
-    """`saga.core.definition.SagaDefinition.digest` of the definition it started on (``None``
-    in records written before digests)."""
-
-
-class SagaRejected(EventBase):
-    """A start request that could not start the saga: no definition has its name, or its input
-    does not fit the definition. Nothing ran; the saga is ``rejected`` (final), with the reason.
-    A later start of the same id with a valid request starts it (`SagaStarted` follows)."""
-
-    type: Literal["saga_rejected"] = "saga_rejected"
-    message_id: str
-    """The request's."""
-    name: str
-    """The saga name the request asked for."""
-    version: int | None = None
-    """The version it would have started on, when a definition has the name."""
-    digest: str | None = None
-    """That definition's digest."""
-    input: JsonObject
-    """The request's input."""
-    reason: str
-
-
-class StartIgnored(EventBase):
-    """A start for an id that already names a saga, kept as it is (``if_exists="return"``, or
-    a request no different from the saga's)."""
-
-    type: Literal["start_ignored"] = "start_ignored"
-    message_id: str
-    """The request's."""
-    reason: str
-    differs: list[str]
-    """What the request had that the saga has not: ``name``, ``input``, or nothing."""
-
-
-class StartRefused(EventBase):
-    """A start for an id that already names a saga, with another name or input, under
-    ``if_exists="refuse"``: refused; the existing saga is kept."""
-
-    type: Literal["start_refused"] = "start_refused"
-    message_id: str
-    """The request's."""
-    reason: str
-    differs: list[str]
-    """What differed from the saga: ``name``, ``input`` or both."""
-
-
-class StepStarted(StepEvent):
-    """An attempt of a step's action was sent."""
-
-    type: Literal["step_started"] = "step_started"
-    deadline_at: float
-
-
-class StepSucceeded(StepEvent):
-    """The step's action succeeded with an output."""
-
-    type: Literal["step_succeeded"] = "step_succeeded"
-    output: JsonObject
-
-
-class StepRetryScheduled(StepEvent):
-    """An attempt failed technically (or timed out) and another is due at ``retry_at``."""
-
-    type: Literal["step_retry_scheduled"] = "step_retry_scheduled"
-    error: ErrorInfo
-    retry_at: float
-
-
-class StepFailedEvent(StepEvent):
-    """The step failed for good and did not take effect (business failure, retries exhausted,
-    input could not be built, or retries abandoned because the saga is compensating)."""
-
-    type: Literal["step_failed"] = "step_failed"
-    error: ErrorInfo
-
-
-class StepTimedOut(StepEvent):
-    """The step's last attempt missed its deadline: its outcome is unknown, so it will be
-    compensated (compensations must be safe when the action never happened)."""
-
-    type: Literal["step_timed_out"] = "step_timed_out"
-
-
-class StepStuck(StepEvent):
-    """A step cannot go on without an operator: a compensation or a retriable step exhausted
-    its policy, or a pivot's outcome is unknown."""
-
-    type: Literal["step_stuck"] = "step_stuck"
-    phase: Phase
-    error: ErrorInfo
-
-
-class CompensationStarted(StepEvent):
-    """An attempt of a step's compensation was sent."""
-
-    type: Literal["compensation_started"] = "compensation_started"
-    deadline_at: float
-
-
-class CompensationSucceeded(StepEvent):
-    """The step's compensation succeeded: its effect is undone."""
-
-    type: Literal["compensation_succeeded"] = "compensation_succeeded"
-
-
-class CompensationRetryScheduled(StepEvent):
-    """A compensation attempt failed and another is due at ``retry_at``."""
-
-    type: Literal["compensation_retry_scheduled"] = "compensation_retry_scheduled"
-    error: ErrorInfo
-    retry_at: float
-
-
-class SagaAborted(EventBase):
-    """The saga stopped going forward and began compensating."""
-
-    type: Literal["saga_aborted"] = "saga_aborted"
-    reason: str
-    step: str | None = None
-    """The step whose failure caused it, if any (``None`` for a cancel)."""
-
-
-class SagaCompleted(EventBase):
-    """Every step finished: the saga succeeded."""
-
-    type: Literal["saga_completed"] = "saga_completed"
-
-
-class SagaCompensated(EventBase):
-    """Every completed compensatable step was undone."""
-
-    type: Literal["saga_compensated"] = "saga_compensated"
-
-
-class SagaStuck(EventBase):
-    """Nothing more can happen without an operator (see `StepStuck`); an alert is raised."""
-
-    type: Literal["saga_stuck"] = "saga_stuck"
-    reason: str
-
-
-class SagaResumed(EventBase):
-    """An operator asked to retry a stuck saga; its stuck steps run again with fresh budgets."""
-
-    type: Literal["saga_resumed"] = "saga_resumed"
-    compensating: bool
-    """Whether the saga resumes its compensation (else it resumes going forward)."""
-
-
-class StepResolved(StepEvent):
-    """An operator declared a step stuck going forward done by hand: it counts as succeeded."""
-
-    type: Literal["step_resolved"] = "step_resolved"
-    note: str
-
-
-class CompensationResolved(StepEvent):
-    """An operator declared a stuck compensation done by hand: the step counts as compensated."""
-
-    type: Literal["compensation_resolved"] = "compensation_resolved"
-    note: str
-
-
-class CancelRejected(EventBase):
-    """A cancel arrived too late (the pivot had started) or for a finished saga."""
-
-    type: Literal["cancel_rejected"] = "cancel_rejected"
-    reason: str
-
-
-Event = Annotated[
-    SagaStarted
-    | StepStarted
-    | StepSucceeded
-    | StepRetryScheduled
-    | StepFailedEvent
-    | StepTimedOut
-    | StepStuck
-    | CompensationStarted
-    | CompensationSucceeded
-    | CompensationRetryScheduled
-    | SagaAborted
-    | SagaCompleted
-    | SagaCompensated
-    | SagaStuck
-    | SagaResumed
-    | StepResolved
-    | CompensationResolved
-    | CancelRejected
-    | SagaRejected
-    | StartIgnored
-    | StartRefused,
-    Field(discriminator="type"),
-]
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
 
 # -- snapshots and alerts -------------------------------------------------------------------------
 
 
-class Snapshot(_Message):
+class Snapshot(WireMessage):
     """The latest state of one saga (the compacted snapshots topic, keyed by saga id)."""
 
     type: Literal["snapshot"] = "snapshot"
@@ -474,18 +239,18 @@ class Snapshot(_Message):
     """`saga.core.state.SagaState` as data."""
 
 
-class Checkpoint(_Message):
+class Checkpoint(WireMessage):
     """Per log partition: every event before ``log_offset`` is covered by the snapshots."""
 
     type: Literal["checkpoint"] = "checkpoint"
     partition: int
     log_offset: int
-    partitions: int | None = Field(default=None, ge=1, exclude_if=_unset)
+    partitions: int | None = Field(default=None, ge=1, exclude_if=unset)
     """The topics' partition count it was written under (``None`` in older records): a
     coordinator refuses to run on another count (`saga.errors.TopologyChanged`)."""
 
 
-class Alert(_Message):
+class Alert(WireMessage):
     """Raised when a saga gets stuck; operators act with `saga retry` or `saga resolve`."""
 
     type: Literal["alert"] = "alert"

@@ -1,0 +1,267 @@
+"""The saga events: what the coordinator appends to the log, and what a state is a fold of.
+
+Every event has the fields of `EventBase` (``saga_id``, ``seq`` numbering a saga's events from 1
+without gaps, ``at``) and a literal ``type``; the events about one step share `StepEvent`
+(``step`` and ``attempt``). `Event` is their discriminated union; its adapter is with the
+others in `saga.core.messages`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from saga.core.wire import ErrorInfo, JsonObject, Phase, WireMessage, unset
+
+__all__ = [
+    "CancelRejected",
+    "CompensationResolved",
+    "CompensationRetryScheduled",
+    "CompensationStarted",
+    "CompensationSucceeded",
+    "Event",
+    "EventBase",
+    "SagaAborted",
+    "SagaCompensated",
+    "SagaCompleted",
+    "SagaRejected",
+    "SagaResumed",
+    "SagaStarted",
+    "SagaStuck",
+    "StartIgnored",
+    "StartRefused",
+    "StepEvent",
+    "StepFailedEvent",
+    "StepResolved",
+    "StepRetryScheduled",
+    "StepStarted",
+    "StepStuck",
+    "StepSucceeded",
+    "StepTimedOut",
+]
+
+
+class EventBase(WireMessage):
+    """Fields every event has. ``seq`` numbers a saga's events from 1 without gaps."""
+
+    type: str
+    """The event's kind; each event class narrows it to its own literal."""
+    saga_id: str
+    seq: int = Field(ge=1)
+    at: float
+
+
+class StepEvent(EventBase):
+    """An event about one step: its action or its compensation, at one attempt."""
+
+    step: str
+    attempt: int
+    """The attempt of the action (or, for compensation events, of the compensation)."""
+
+
+class SagaStarted(EventBase):
+    """A saga began with its input; the first event of every saga."""
+
+    type: Literal["saga_started"] = "saga_started"
+    name: str
+    version: int
+    input: JsonObject
+    steps: list[str]
+    """The definition's step names, all pending."""
+    digest: str | None = Field(default=None, exclude_if=unset)
+    """`saga.core.definition.SagaDefinition.digest` of the definition it started on (``None``
+    in records written before digests)."""
+
+
+class SagaRejected(EventBase):
+    """A start request that could not start the saga: no definition has its name, or its input
+    does not fit the definition. Nothing ran; the saga is ``rejected`` (final), with the reason.
+    A later start of the same id with a valid request starts it (`SagaStarted` follows)."""
+
+    type: Literal["saga_rejected"] = "saga_rejected"
+    message_id: str
+    """The request's."""
+    name: str
+    """The saga name the request asked for."""
+    version: int | None = None
+    """The version it would have started on, when a definition has the name."""
+    digest: str | None = None
+    """That definition's digest."""
+    input: JsonObject
+    """The request's input."""
+    reason: str
+
+
+class StartIgnored(EventBase):
+    """A start for an id that already names a saga, kept as it is (``if_exists="return"``, or
+    a request no different from the saga's)."""
+
+    type: Literal["start_ignored"] = "start_ignored"
+    message_id: str
+    """The request's."""
+    reason: str
+    differs: list[str]
+    """What the request had that the saga has not: ``name``, ``input``, or nothing."""
+
+
+class StartRefused(EventBase):
+    """A start for an id that already names a saga, with another name or input, under
+    ``if_exists="refuse"``: refused; the existing saga is kept."""
+
+    type: Literal["start_refused"] = "start_refused"
+    message_id: str
+    """The request's."""
+    reason: str
+    differs: list[str]
+    """What differed from the saga: ``name``, ``input`` or both."""
+
+
+class StepStarted(StepEvent):
+    """An attempt of a step's action was sent."""
+
+    type: Literal["step_started"] = "step_started"
+    deadline_at: float
+
+
+class StepSucceeded(StepEvent):
+    """The step's action succeeded with an output."""
+
+    type: Literal["step_succeeded"] = "step_succeeded"
+    output: JsonObject
+
+
+class StepRetryScheduled(StepEvent):
+    """An attempt failed technically (or timed out) and another is due at ``retry_at``."""
+
+    type: Literal["step_retry_scheduled"] = "step_retry_scheduled"
+    error: ErrorInfo
+    retry_at: float
+
+
+class StepFailedEvent(StepEvent):
+    """The step failed for good and did not take effect (business failure, retries exhausted,
+    input could not be built, or retries abandoned because the saga is compensating)."""
+
+    type: Literal["step_failed"] = "step_failed"
+    error: ErrorInfo
+
+
+class StepTimedOut(StepEvent):
+    """The step's last attempt missed its deadline: its outcome is unknown, so it will be
+    compensated (compensations must be safe when the action never happened)."""
+
+    type: Literal["step_timed_out"] = "step_timed_out"
+
+
+class StepStuck(StepEvent):
+    """A step cannot go on without an operator: a compensation or a retriable step exhausted
+    its policy, or a pivot's outcome is unknown."""
+
+    type: Literal["step_stuck"] = "step_stuck"
+    phase: Phase
+    error: ErrorInfo
+
+
+class CompensationStarted(StepEvent):
+    """An attempt of a step's compensation was sent."""
+
+    type: Literal["compensation_started"] = "compensation_started"
+    deadline_at: float
+
+
+class CompensationSucceeded(StepEvent):
+    """The step's compensation succeeded: its effect is undone."""
+
+    type: Literal["compensation_succeeded"] = "compensation_succeeded"
+
+
+class CompensationRetryScheduled(StepEvent):
+    """A compensation attempt failed and another is due at ``retry_at``."""
+
+    type: Literal["compensation_retry_scheduled"] = "compensation_retry_scheduled"
+    error: ErrorInfo
+    retry_at: float
+
+
+class SagaAborted(EventBase):
+    """The saga stopped going forward and began compensating."""
+
+    type: Literal["saga_aborted"] = "saga_aborted"
+    reason: str
+    step: str | None = None
+    """The step whose failure caused it, if any (``None`` for a cancel)."""
+
+
+class SagaCompleted(EventBase):
+    """Every step finished: the saga succeeded."""
+
+    type: Literal["saga_completed"] = "saga_completed"
+
+
+class SagaCompensated(EventBase):
+    """Every completed compensatable step was undone."""
+
+    type: Literal["saga_compensated"] = "saga_compensated"
+
+
+class SagaStuck(EventBase):
+    """Nothing more can happen without an operator (see `StepStuck`); an alert is raised."""
+
+    type: Literal["saga_stuck"] = "saga_stuck"
+    reason: str
+
+
+class SagaResumed(EventBase):
+    """An operator asked to retry a stuck saga; its stuck steps run again with fresh budgets."""
+
+    type: Literal["saga_resumed"] = "saga_resumed"
+    compensating: bool
+    """Whether the saga resumes its compensation (else it resumes going forward)."""
+
+
+class StepResolved(StepEvent):
+    """An operator declared a step stuck going forward done by hand: it counts as succeeded."""
+
+    type: Literal["step_resolved"] = "step_resolved"
+    note: str
+
+
+class CompensationResolved(StepEvent):
+    """An operator declared a stuck compensation done by hand: the step counts as compensated."""
+
+    type: Literal["compensation_resolved"] = "compensation_resolved"
+    note: str
+
+
+class CancelRejected(EventBase):
+    """A cancel arrived too late (the pivot had started) or for a finished saga."""
+
+    type: Literal["cancel_rejected"] = "cancel_rejected"
+    reason: str
+
+
+Event = Annotated[
+    SagaStarted
+    | StepStarted
+    | StepSucceeded
+    | StepRetryScheduled
+    | StepFailedEvent
+    | StepTimedOut
+    | StepStuck
+    | CompensationStarted
+    | CompensationSucceeded
+    | CompensationRetryScheduled
+    | SagaAborted
+    | SagaCompleted
+    | SagaCompensated
+    | SagaStuck
+    | SagaResumed
+    | StepResolved
+    | CompensationResolved
+    | CancelRejected
+    | SagaRejected
+    | StartIgnored
+    | StartRefused,
+    Field(discriminator="type"),
+]
