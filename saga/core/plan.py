@@ -279,7 +279,8 @@ class Plan:
         running = self.s.status is SagaStatus.RUNNING
         # An earlier attempt that timed out may still land under the same idempotency key. A
         # business failure is stored under that key, so a late delivery replays it and takes no
-        # effect; a technical failure is not stored, so the outcome stays unknown.
+        # effect; a technical failure is stored for its own attempt only, so the earlier one
+        # may still succeed late and the outcome stays unknown.
         unknown = timed_out or (ss.uncertain and not error.business)
         if not error.business and running and sd.retry.allows_retry(used, error.type):
             delay = sd.retry.backoff(used, f"{self.s.saga_id}/{sd.name}/action")
