@@ -14,6 +14,9 @@ Command line (used by `make kafka-up` / `make kafka-down`):
     python -m deploy.kafka up [--port 9092] [--controller-port 9093]
     python -m deploy.kafka down
     python -m deploy.kafka status
+
+`up --secure` (and `down --secure`, `status --secure`) and `grant` are those of the secured broker
+in `deploy.kafka_secure` (`make kafka-up SECURE=1`).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ log4j.logger.kafka.log.LogCleaner=WARN
 log4j.logger.org.apache.kafka.storage.internals.log=WARN
 log4j.logger.kafka.log.UnifiedLog=WARN
 log4j.logger.org.apache.kafka.common.utils.AppInfoParser=WARN
+log4j.logger.org.apache.kafka.controller.AclControlManager=WARN
 """
 
 _logger = logging.getLogger("deploy.kafka")
@@ -237,19 +241,27 @@ def _broker_ready(port: int, timeout: float = 5.0) -> bool:
             api_versions = _request(sock, 18, 0, 1, b"")
             if struct.unpack_from(">h", api_versions)[0] != 0:
                 return False
-            meta = _request(sock, 3, 1, 2, struct.pack(">i", 0))  # Empty topic list.
-            (brokers,) = struct.unpack_from(">i", meta)
-            offset = 4
-            for _ in range(brokers):
-                offset += 4  # node_id
-                (host_len,) = struct.unpack_from(">h", meta, offset)
-                offset += 2 + host_len + 4  # host, port
-                (rack_len,) = struct.unpack_from(">h", meta, offset)
-                offset += 2 + max(rack_len, 0)
-            (controller,) = struct.unpack_from(">i", meta, offset)
-            return bool(brokers >= 1 and controller >= 0)
+            return _metadata_ready(_request(sock, 3, 1, 2, struct.pack(">i", 0)))
     except (OSError, struct.error):
         return False
+
+
+def _metadata_ready(meta: bytes) -> bool:
+    """Reads a Metadata v1 response body: True once a broker and a controller are listed.
+
+    Raises:
+        struct.error: The response is truncated.
+    """
+    (brokers,) = struct.unpack_from(">i", meta)
+    offset = 4
+    for _ in range(brokers):
+        offset += 4  # node_id
+        (host_len,) = struct.unpack_from(">h", meta, offset)
+        offset += 2 + host_len + 4  # host, port
+        (rack_len,) = struct.unpack_from(">h", meta, offset)
+        offset += 2 + max(rack_len, 0)
+    (controller,) = struct.unpack_from(">i", meta, offset)
+    return bool(brokers >= 1 and controller >= 0)
 
 
 _PORT_ROLES = ("Kafka broker", "Kafka controller")
@@ -327,6 +339,11 @@ class KafkaServer(LocalServer):
         """The cluster id the data directory is formatted with, the first time only."""
         return _random_cluster_id()
 
+    def _format_options(self) -> list[str]:
+        """Extra options of the storage format, the first time only; the secured broker
+        (`deploy.kafka_secure`) adds its SCRAM credentials here."""
+        return []
+
     def _prepare(self) -> list[str]:
         libs = fetch()
         java = require_tool("java", _JAVA_HINT)
@@ -340,6 +357,7 @@ class KafkaServer(LocalServer):
             argv = _java_argv(
                 java, libs, log4j, "kafka.tools.StorageTool",
                 "format", "--ignore-formatted", "-t", self._cluster_id(), "-c", str(config),
+                *self._format_options(),
             )  # fmt: skip
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -439,7 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: The arguments after the program name; `sys.argv[1:]` when None.
     """
-    return _Cli().main(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--secure" in args or args[:1] == ["grant"]:
+        # Imported here: deploy.kafka_secure builds on this module.
+        from deploy import kafka_secure
+
+        return kafka_secure.main([a for a in args if a != "--secure"])
+    return _Cli().main(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Session fixtures for the real infrastructure: one Kafka broker, one 3-broker Kafka cluster
-and one Jaeger per run.
+"""Session fixtures for the real infrastructure: one Kafka broker, one secured Kafka broker
+(TLS, SASL/SCRAM, ACLs), one 3-broker Kafka cluster and one Jaeger per run.
 
 Each starts lazily, the first time a test asks for it, on free loopback ports, and stops when
 the session ends. When one cannot start (a missing JDK, a failed build, a port race, a crash
@@ -17,6 +17,7 @@ import pytest
 from deploy.jaeger import JaegerServer, start_jaeger
 from deploy.kafka import KafkaServer, start_kafka
 from deploy.kafka_cluster import KafkaCluster, start_kafka_cluster
+from deploy.kafka_secure import SecureKafka, start_secure_kafka
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,19 @@ def kafka() -> Iterator[KafkaServer]:
 def bootstrap(kafka: KafkaServer) -> str:
     """The session broker's bootstrap string, e.g. "127.0.0.1:40123"."""
     return kafka.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def kafka_secure() -> Iterator[SecureKafka]:
+    """A secured single-node KRaft broker on 127.0.0.1, shared by the whole session.
+
+    Its only client listener is SASL_SSL (`SecureKafka.bootstrap_servers`, CA in `ca_file`),
+    with a SCRAM user per principal of `deploy.kafka_secure.PRINCIPALS` (`users`,
+    `client_env`). Nobody but ``admin`` may do anything until a test module calls
+    ``kafka_secure.grant(prefix, services)`` for its own topic prefix.
+    """
+    with start_secure_kafka() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
