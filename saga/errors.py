@@ -14,8 +14,12 @@ The tree::
     ├── SagaTimeout              `Coordinator.wait` ran out of time
     ├── UsageError               the engine was called wrongly (also a ValueError): an invalid
     │                            saga id, a handler registered twice, a missing transport
+    ├── ConfigurationError       a setting cannot be used (also a ValueError): Kafka TLS/SASL,
+    │                            keys, keyring, policy; named, with what to do
     ├── TransportError           the broker could not be reached or refused a write
-    │   └── Fenced               a newer coordinator owns the partition; state must be re-read
+    │   ├── Fenced               a newer coordinator owns the partition; state must be re-read
+    │   ├── Unauthorized         the broker refused the credentials or a right (not retriable)
+    │   └── ConnectionFailed     no connection could be set up; the likely cause named
     └── StepFailed               raised by a participant's handler: a business failure
 
 Retriability is data: `TransportError.retriable` says whether trying again may help, and the
@@ -28,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "ConfigurationError",
+    "ConnectionFailed",
     "DecodeError",
     "DefinitionError",
     "Fenced",
@@ -38,6 +44,7 @@ __all__ = [
     "StepFailed",
     "TopologyChanged",
     "TransportError",
+    "Unauthorized",
     "UnknownSaga",
     "UsageError",
 ]
@@ -160,3 +167,28 @@ class StepFailed(SagaError):
         self.reason = reason
         self.details = dict(details or {})
         super().__init__(reason)
+
+
+class ConfigurationError(SagaError, ValueError):
+    """Settings a process was started with cannot be used (Kafka's TLS and SASL, the signing
+    key, the keyring, the policy, the payload keys): the message names the setting (its field
+    and environment variable) and what to do, and never contains a secret."""
+
+
+class Unauthorized(TransportError):
+    """The broker refused this client's principal: its credentials (SASL authentication
+    failed), or a right on a resource (an ACL is missing). Retrying the same operation with the
+    same settings cannot help, so loops that retry `TransportError` stop on this one."""
+
+    retriable = False
+
+
+class ConnectionFailed(TransportError):
+    """No connection to the broker could be set up; the message says the likely cause (the
+    broker is unreachable, its certificate is not trusted, the port speaks another security
+    protocol) and the setting to look at. ``retriable`` is false where the settings must
+    change (an untrusted certificate), true where the broker may still come (unreachable)."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable

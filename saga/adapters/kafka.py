@@ -13,12 +13,18 @@ Choices that the engine's guarantees depend on:
   opens a new one, which also aborts whatever the old one left open.
 - Keys are partitioned with murmur2, as Kafka's Java clients and aiokafka's default partitioner
   do, so producers in any language agree on a saga's partition.
+- Every client gets the same security options (`KafkaSecurity`: TLS, SASL). aiokafka reports a
+  failed bootstrap only as "Unable to bootstrap", the cause in a log line; so when a client
+  cannot start, one connection is tried by hand to name the cause (refused credentials, an
+  untrusted certificate, a TLS client on a plaintext port, ...) and the setting to fix.
+- A broker's authorization error (a missing ACL) becomes `Unauthorized`, which says which
+  principal lacks which right on which resource; it is not retriable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,15 +32,38 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTP
+from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    ProducerFenced,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedSaslMechanismError,
+    for_code,
+)
 from aiokafka.partitioner import murmur2
+from aiokafka.protocol.metadata import MetadataRequest
 
+from saga.adapters.kafka_settings import (
+    ENV,
+    ConnectionFailed,
+    KafkaSecurity,
+    KafkaSettingsError,
+    Unauthorized,
+)
 from saga.errors import Fenced, TransportError
 from saga.runtime.ports import Outgoing, RebalanceListener, Record, TopicPartition
 
-__all__ = ["KafkaTransport"]
+__all__ = ["ConnectionFailed", "KafkaSecurity", "KafkaTransport", "Unauthorized"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +76,11 @@ class KafkaTransport:
         deadline: Seconds any one broker operation (a send, a transaction, a read) may take
             before it fails with `TransportError`.
         client_id: Prefix for client ids, shown in broker logs.
+        security: TLS and SASL settings for every client (default: ``PLAINTEXT``, no SASL).
+
+    Raises:
+        KafkaSettingsError: ``security`` names files that cannot be used (a key that does not
+            match its certificate, an unreadable password file) or no token provider.
     """
 
     def __init__(
@@ -55,11 +89,179 @@ class KafkaTransport:
         *,
         deadline: float = 30.0,
         client_id: str = "saga",
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.deadline = deadline
         self.client_id = client_id
+        self.security = security or KafkaSecurity()
+        # Built once: one TLS context and one token provider for every client.
+        self._options = self.security.aiokafka_options()
+        provider = self._options.get("sasl_oauth_token_provider")
+        if provider is not None and not isinstance(provider, AbstractTokenProvider):
+            raise KafkaSettingsError(
+                f"sasl_oauthbearer_token_provider ({ENV['sasl_oauthbearer_token_provider']}): "
+                f"{provider!r} is not an aiokafka.abc.AbstractTokenProvider: subclass it"
+            )
         self._partition_counts: dict[str, int] = {}
+
+    def _admin(self) -> AIOKafkaAdminClient:
+        return AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self.client_id}-admin",
+            request_timeout_ms=int(self.deadline * 1000),
+            **self._options,
+        )
+
+    # -- checking the connection -------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Connects once (describes the cluster), to fail at start-up with a clear message.
+
+        Raises:
+            Unauthorized: The broker refused the credentials.
+            ConnectionFailed: No connection could be set up; the message says why (unreachable,
+                an untrusted certificate, a hostname mismatch, another security protocol on the
+                port) and which setting to look at.
+            TransportError: The cluster could not be described.
+        """
+        failures: list[TransportError] = []
+        for host, port in _hosts(self.bootstrap_servers):
+            problem = await self._probe(host, port)
+            if problem is None:
+                break
+            failures.append(problem)
+        else:
+            # The settings are the same for every broker: the first refusal that retrying cannot
+            # help is the one to fix; else the first failure.
+            raise next((f for f in failures if not f.retriable), failures[0])
+        admin = self._admin()
+        try:
+            with anyio.fail_after(self.deadline):
+                await admin.start()
+                await admin.describe_cluster()
+        except Exception as exc:
+            raise await self._failure(
+                exc, f"could not describe the cluster at {self.bootstrap_servers}"
+            ) from exc
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await _close_quietly(admin)
+
+    async def _probe(self, host: str, port: int) -> TransportError | None:
+        """Connects to one broker by hand and asks for metadata: ``None`` if that worked, else
+        the cause named (aiokafka's own bootstrap only logs it)."""
+        authenticated = False
+        try:
+            with anyio.fail_after(self.deadline):
+                conn = await create_conn(
+                    host,
+                    port,
+                    client_id=f"{self.client_id}-check",
+                    request_timeout_ms=int(self.deadline * 1000),
+                    **self._options,
+                )
+                authenticated = True
+                try:
+                    await conn.send(MetadataRequest([]))
+                finally:
+                    conn.close()
+        except Exception as exc:
+            return self._explain(exc, host, port, authenticated=authenticated)
+        return None
+
+    def _explain(
+        self, exc: Exception, host: str, port: int, *, authenticated: bool
+    ) -> TransportError:
+        s = self.security
+        at = f"Kafka at {host}:{port}"
+        protocol = f"{ENV['security_protocol']}={s.security_protocol}"
+        if isinstance(exc, SaslAuthenticationFailed):
+            if s.sasl_mechanism == "OAUTHBEARER":
+                return Unauthorized(
+                    f"{at} refused the OAUTHBEARER token "
+                    f"({ENV['sasl_oauthbearer_token_provider']}): it may be expired, or not "
+                    "for this cluster; check the token provider"
+                )
+            return Unauthorized(
+                f"{at} refused the credentials of user {s.sasl_username!r} "
+                f"({ENV['sasl_username']} / {ENV['sasl_password']} or "
+                f"{ENV['sasl_password_file']}) with {s.sasl_mechanism}: check the user name and "
+                "the password, and that the user exists for this mechanism"
+            )
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            ca = s.ssl_ca_location or "the system's CAs"
+            hostname = exc.verify_code in (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, IP_ADDRESS_
+            if hostname:
+                return ConnectionFailed(
+                    f"the certificate of {at} does not name {host} ({exc.verify_message}): "
+                    "connect by a name the certificate lists, or turn the check off (tests "
+                    "only) with --no-ssl-hostname-check / "
+                    f"{ENV['ssl_check_hostname']}=none",
+                    retriable=False,
+                )
+            return ConnectionFailed(
+                f"the broker's certificate at {host}:{port} is not trusted by "
+                f"{ENV['ssl_ca_location']}={ca} ({exc.verify_message}): give the CA that "
+                "signed the broker's certificate; or the hostname does not match",
+                retriable=False,
+            )
+        if isinstance(exc, IllegalSaslStateError):
+            return ConnectionFailed(
+                f"{at} does not take SASL on this port ({protocol}): it may be an SSL or "
+                f"PLAINTEXT listener; set {ENV['security_protocol']} to match, or use the SASL "
+                "port",
+                retriable=False,
+            )
+        if isinstance(exc, UnsupportedSaslMechanismError):
+            return ConnectionFailed(
+                f"{at} does not enable SASL mechanism {s.sasl_mechanism} on this listener "
+                f"({ENV['sasl_mechanism']}): use one the broker enables",
+                retriable=False,
+            )
+        tls = s.security_protocol in ("SSL", "SASL_SSL")
+        if tls and isinstance(exc, ssl.SSLError | ConnectionResetError):
+            return ConnectionFailed(
+                f"{at} broke off the TLS handshake ({exc.__class__.__name__}): the port may not "
+                f"speak TLS (a PLAINTEXT or SASL_PLAINTEXT listener) while {protocol}; check the "
+                "port and the protocol",
+                retriable=True,
+            )
+        if isinstance(exc, KafkaConnectionError) and "closed" in str(exc):
+            if not tls:
+                return ConnectionFailed(
+                    f"{at} closed the connection at the first request: the port may expect TLS "
+                    f"while {protocol}; set {ENV['security_protocol']} to SSL or SASL_SSL (and "
+                    f"{ENV['ssl_ca_location']}), or check the port",
+                    retriable=True,
+                )
+            if authenticated and s.sasl_mechanism is None:
+                return ConnectionFailed(
+                    f"{at} closed the connection after TLS: the listener may require SASL while "
+                    f"{protocol}; set {ENV['security_protocol']}=SASL_SSL, "
+                    f"{ENV['sasl_mechanism']} and the credentials",
+                    retriable=True,
+                )
+        if isinstance(exc, TimeoutError | OSError | KafkaConnectionError):
+            return ConnectionFailed(
+                f"cannot reach {at} ({exc.__class__.__name__}: {exc}): start it, or check the "
+                "address (--bootstrap-servers / SAGA_KAFKA_BOOTSTRAP / KAFKA_BOOTSTRAP_SERVERS)",
+                retriable=True,
+            )
+        return TransportError(f"connecting to {at} failed: {exc!r}")
+
+    async def _failure(self, exc: Exception, what: str, right: str = "Describe") -> TransportError:
+        """``exc`` from a client as a `TransportError`: a refused right as `Unauthorized`, and
+        a failed bootstrap with its cause found by a connection tried by hand."""
+        if isinstance(exc, TransportError):
+            return exc
+        if isinstance(exc, KafkaConnectionError) and "bootstrap" in str(exc):
+            for host, port in _hosts(self.bootstrap_servers)[:1]:
+                with anyio.move_on_after(self.deadline):
+                    problem = await self._probe(host, port)
+                    if problem is not None:
+                        return problem
+        return _as_transport_error(exc, what, self.security.principal, right)
 
     # -- topics ------------------------------------------------------------------------------
 
@@ -75,12 +277,17 @@ class KafkaTransport:
         Raises:
             TransportError: The broker could not be reached or refused (whatever failed).
         """
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        admin = self._admin()
         try:
             with anyio.fail_after(self.deadline):
                 await admin.start()
             with anyio.fail_after(self.deadline):
+                # Listed first and only the missing ones created: a service's principal may not
+                # create topics, and its command topic exists already.
                 existing = set(await admin.list_topics())
+                missing = [n for n in names if n not in existing]
+                if not missing:
+                    return
                 brokers = len((await admin.describe_cluster())["brokers"])
                 replication = min(3, brokers)
                 durability = {"min.insync.replicas": "2"} if replication == 3 else {}
@@ -94,27 +301,53 @@ class KafkaTransport:
                             **({"cleanup.policy": "compact"} if n in compacted else {}),
                         },
                     )
-                    for n in names
-                    if n not in existing
+                    for n in missing
                 ]
-                if wanted:
-                    # Another process may create them first: the outcome is the same.
-                    with contextlib.suppress(TopicAlreadyExistsError):
-                        await admin.create_topics(wanted)
+                response = await admin.create_topics(wanted)
+            self._check_created(response.topic_errors)
         except Exception as exc:
             # Not only TimeoutError: the admin client's start raises KafkaError, OSError, and
-            # during a broker restart whatever aiokafka meets. The callers retry on this one.
-            raise TransportError(
-                f"could not create topics at {self.bootstrap_servers}: {exc!r}"
+            # during a broker restart whatever aiokafka meets. The callers retry on a retriable
+            # TransportError.
+            raise await self._failure(
+                exc, f"could not create topics at {self.bootstrap_servers}", "Create"
             ) from exc
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await _close_quietly(admin)
 
+    def _check_created(self, results: Sequence[Sequence[Any]]) -> None:
+        """Raises for the topics the broker did not create (each result is ``(topic,
+        error_code[, error_message])``); one that exists already is fine: another process
+        created it first, and the outcome is the same."""
+        refused, failed = [], []
+        for result in results:
+            name, code = result[0], result[1]
+            if code in (0, TopicAlreadyExistsError.errno):
+                continue
+            error = for_code(code)
+            if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                refused.append(name)
+            else:
+                detail = result[2] if len(result) > 2 and result[2] else error.__name__
+                failed.append(f"{name} ({detail})")
+        principal = self.security.principal
+        if refused:
+            raise Unauthorized(
+                f"{principal} may not create the missing topics {', '.join(refused)} at "
+                f"{self.bootstrap_servers} (or may not see them): they must be created by a "
+                "principal that may, normally the coordinator's (start a coordinator with this "
+                f"prefix first), or grant {principal} Create (and Describe) on them"
+            )
+        if failed:
+            raise TransportError(
+                f"Kafka at {self.bootstrap_servers} did not create the topics {', '.join(failed)}"
+            )
+
     async def partitions(self, topic: str) -> int:
         """The number of partitions of ``topic`` (cached: partition counts do not shrink)."""
         if topic not in self._partition_counts:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+            admin = self._admin()
             try:
                 with anyio.fail_after(self.deadline):
                     await admin.start()
@@ -127,20 +360,29 @@ class KafkaTransport:
                             break
                         await anyio.sleep(0.1)
                     if not listed:
+                        unseen = (
+                            f" (or {self.security.principal} may not Describe it)"
+                            if self.security.security_protocol != "PLAINTEXT"
+                            else ""
+                        )
                         raise TransportError(
-                            f"topic {topic!r} does not exist: start a coordinator with this "
-                            "prefix first, or check the prefix"
+                            f"topic {topic!r} does not exist{unseen}: start a coordinator with "
+                            "this prefix first, or check the prefix"
                         )
                     while True:
                         (described,) = await admin.describe_topics([topic])
                         found = described.get("partitions") or []
-                        if described.get("error_code", 0) == 0 and found:
+                        code = described.get("error_code", 0)
+                        if code == TopicAuthorizationFailedError.errno:
+                            raise TopicAuthorizationFailedError(topic)
+                        if code == 0 and found:
                             break
                         await anyio.sleep(0.1)  # leaders are still being elected
             except (TimeoutError, KafkaError, OSError) as exc:
-                raise TransportError(f"could not describe topic {topic!r}: {exc!r}") from exc
+                raise await self._failure(exc, f"could not describe topic {topic!r}") from exc
             finally:
-                await admin.close()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await _close_quietly(admin)
             self._partition_counts[topic] = len(found)
         return self._partition_counts[topic]
 
@@ -171,11 +413,12 @@ class KafkaTransport:
             max_poll_interval_ms=120_000,
             metadata_max_age_ms=30_000,
             fetch_max_wait_ms=50,  # replies wait on this: a long poll would add latency per step
+            **self._options,
         )
         consumer.subscribe(list(topics), listener=_Listener(listener))
-        await _start(consumer, self.deadline, f"consumer of group {group_id!r}")
+        await self._start(consumer, f"consumer of group {group_id!r}", "Read")
         try:
-            yield _KafkaConsumer(consumer, self.deadline)
+            yield _KafkaConsumer(consumer, self.deadline, self.security.principal)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await consumer.stop()  # also leaves the group, so a rebalance starts at once
@@ -187,9 +430,10 @@ class KafkaTransport:
             isolation_level="read_committed",
             enable_auto_commit=False,
             client_id=f"{self.client_id}-reader",
+            **self._options,
         )
         tp = KafkaTP(topic, partition)
-        await _start(consumer, self.deadline, f"reader of {topic}/{partition}")
+        await self._start(consumer, f"reader of {topic}/{partition}", "Read")
         try:
             consumer.assign([tp])
             with anyio.fail_after(self.deadline):
@@ -208,7 +452,9 @@ class KafkaTransport:
                     if await consumer.position(tp) >= end:
                         return
         except (KafkaError, TimeoutError) as exc:
-            raise TransportError(f"reading {topic}/{partition} failed: {exc!r}") from exc
+            raise _as_transport_error(
+                exc, f"reading {topic}/{partition} failed", self.security.principal, "Read"
+            ) from exc
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await consumer.stop()
@@ -224,10 +470,11 @@ class KafkaTransport:
             enable_idempotence=True,
             acks="all",
             linger_ms=2,
+            **self._options,
         )
-        await _start(producer, self.deadline, "producer")
+        await self._start(producer, "producer", "Write")
         try:
-            yield _KafkaProducer(producer, self.deadline)
+            yield _KafkaProducer(producer, self.deadline, self.security.principal)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await producer.stop()
@@ -243,6 +490,7 @@ class KafkaTransport:
             enable_idempotence=True,
             acks="all",
             transaction_timeout_ms=60_000,
+            **self._options,
         )
         try:
             with anyio.fail_after(self.deadline):
@@ -254,22 +502,70 @@ class KafkaTransport:
             # bootstrap with an AssertionError. Whatever it is, the caller retries the take-over.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await _stop_quietly(producer)
-            raise TransportError(f"could not start producer {transactional_id!r}: {exc!r}") from exc
+            raise await self._failure(
+                exc, f"could not start producer {transactional_id!r}", "Write"
+            ) from exc
         try:
-            yield _KafkaTxProducer(producer, self.deadline)
+            yield _KafkaTxProducer(producer, self.deadline, self.security.principal)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await producer.stop()
 
+    async def _start(
+        self, client: AIOKafkaConsumer | AIOKafkaProducer, what: str, right: str
+    ) -> None:
+        try:
+            with anyio.fail_after(self.deadline):
+                await client.start()
+        except Exception as exc:  # see tx_producer: aiokafka does not only raise KafkaError here
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await _stop_quietly(client)
+            raise await self._failure(exc, f"could not start the {what}", right) from exc
 
-async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, deadline: float, what: str) -> None:
-    try:
-        with anyio.fail_after(deadline):
-            await client.start()
-    except Exception as exc:  # see tx_producer: aiokafka does not only raise KafkaError here
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await _stop_quietly(client)
-        raise TransportError(f"could not start the {what}: {exc!r}") from exc
+
+def _hosts(bootstrap_servers: str) -> list[tuple[str, int]]:
+    hosts = []
+    for entry in bootstrap_servers.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        hosts.append((host.strip("[]") or entry.strip(), int(port) if port.isdigit() else 9092))
+    return hosts
+
+
+_DENIED = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    ClusterAuthorizationFailedError,
+)
+
+
+def _as_transport_error(
+    exc: BaseException, what: str, principal: str, right: str
+) -> TransportError:
+    """``exc`` as the `TransportError` to raise: a refused right as `Unauthorized`, naming
+    the principal, the right and the resource (aiokafka puts the resource in the arguments)."""
+    if isinstance(exc, TransportError):
+        return exc
+    if not isinstance(exc, _DENIED):
+        return TransportError(f"{what}: {exc!r}")
+    names = [
+        str(n)
+        for a in exc.args
+        for n in (sorted(map(str, a)) if isinstance(a, set | frozenset | list | tuple) else [a])
+    ]
+    resource = ", ".join(repr(n) for n in names) or "?"
+    if isinstance(exc, TopicAuthorizationFailedError):
+        lacking, kind = right, f"topic {resource}"
+    elif isinstance(exc, GroupAuthorizationFailedError):
+        lacking, kind = "Read", f"consumer group {resource}"
+    elif isinstance(exc, TransactionalIdAuthorizationFailed):
+        lacking, kind = "Write", f"transactional id {resource}"
+    else:
+        lacking, kind = "IdempotentWrite" if right == "Write" else right, "the cluster"
+    return Unauthorized(
+        f"{what}: {principal} lacks the {lacking} right on {kind}: grant it (an ACL "
+        f"allowing {principal} {lacking} on {kind}), or run with a principal that has it"
+    )
 
 
 def _record(msg: Any) -> Record:
@@ -298,12 +594,16 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class _KafkaConsumer:
-    def __init__(self, consumer: AIOKafkaConsumer, deadline: float) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, deadline: float, principal: str) -> None:
         self._c = consumer
         self._deadline = deadline
+        self._principal = principal
 
     async def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
-        batches = await self._c.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+        try:
+            batches = await self._c.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+        except _DENIED as exc:  # only these: other errors keep propagating as they always did
+            raise _as_transport_error(exc, "poll failed", self._principal, "Read") from exc
         return [_record(m) for msgs in batches.values() for m in msgs]
 
     def assignment(self) -> frozenset[TopicPartition]:
@@ -316,7 +616,7 @@ class _KafkaConsumer:
             with anyio.fail_after(self._deadline):
                 await self._c.commit({KafkaTP(t, p): o for (t, p), o in offsets.items()})
         except (KafkaError, TimeoutError) as exc:
-            raise TransportError(f"offset commit failed: {exc}") from exc
+            raise _as_transport_error(exc, "offset commit failed", self._principal, "Read") from exc
 
     async def seek_to_committed(self, partitions: frozenset[TopicPartition]) -> None:
         owned = self.assignment()
@@ -330,13 +630,16 @@ class _KafkaConsumer:
                 else:
                     self._c.seek(tp, committed)
         except (KafkaError, TimeoutError) as exc:
-            raise TransportError(f"rewinding to the committed offsets failed: {exc!r}") from exc
+            raise _as_transport_error(
+                exc, "rewinding to the committed offsets failed", self._principal, "Describe"
+            ) from exc
 
 
 class _KafkaProducer:
-    def __init__(self, producer: AIOKafkaProducer, deadline: float) -> None:
+    def __init__(self, producer: AIOKafkaProducer, deadline: float, principal: str) -> None:
         self._p = producer
         self._deadline = deadline
+        self._principal = principal
 
     async def send(self, records: Sequence[Outgoing]) -> None:
         try:
@@ -350,13 +653,14 @@ class _KafkaProducer:
                 for f in futures:
                     await f
         except (KafkaError, TimeoutError) as exc:
-            raise TransportError(f"send failed: {exc!r}") from exc
+            raise _as_transport_error(exc, "send failed", self._principal, "Write") from exc
 
 
 class _KafkaTxProducer:
-    def __init__(self, producer: AIOKafkaProducer, deadline: float) -> None:
+    def __init__(self, producer: AIOKafkaProducer, deadline: float, principal: str) -> None:
         self._p = producer
         self._deadline = deadline
+        self._principal = principal
         self._broken: str | None = None
 
     async def commit(
@@ -400,7 +704,7 @@ class _KafkaTxProducer:
             # transaction raises IllegalOperation from send. Whatever it is, the transaction
             # did not commit; the coordinator drops the partition and re-reads the log.
             self._broken = repr(exc)
-            raise TransportError(f"transaction aborted: {exc!r}") from exc
+            raise _as_transport_error(exc, "transaction aborted", self._principal, "Write") from exc
 
 
 async def _stop_quietly(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
