@@ -239,12 +239,14 @@ _SAGA_GLYPH = {
     "saga_rejected": "X",
     "start_ignored": "d",
     "start_refused": "D",
+    "request_denied": "N",
 }
 _LEGEND = [
     "legend: = action attempt   . retry wait   > succeeded   x failed   ? timed out",
     "        ! stuck   < compensating   ] compensated   o failed/resolved without an attempt",
     "        saga: * started  A aborted  C completed  K compensated  S stuck  R resumed",
     "              c cancel rejected  X start rejected  d duplicate start  D duplicate refused",
+    "              N request denied by the policy",
 ]
 
 

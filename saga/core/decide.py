@@ -66,6 +66,8 @@ from saga.core.messages import (
     Command,
     EventBase,
     Reply,
+    Request,
+    RequestDenied,
     ResolveSaga,
     RetrySaga,
     SagaRejected,
@@ -83,9 +85,11 @@ __all__ = [
     "InputKind",
     "Tick",
     "decide",
+    "deny",
     "give_up",
     "idempotency_key",
     "input_kind",
+    "message_id",
     "next_due",
 ]
 
@@ -157,7 +161,10 @@ def decide(
                 name=message.saga_name,
                 input=message.input,
                 reason=reason,
+                by=message.by,
             )
+    elif state is not None and message_id(message) in state.requests:
+        return Decision(state, ignored=f"request {message_id(message)} was already answered")
     elif state is not None and rejected:
         return _after_rejection(state, message, now)
     if definition is None:
@@ -177,6 +184,63 @@ def decide(
         commands=tuple(plan.commands),
         alerts=tuple(plan.alerts),
     )
+
+
+def message_id(message: Input) -> str | None:
+    """The message id of an operator request (cancel, retry, resolve), else ``None``: what
+    `SagaState.requests` remembers, so that a request answered once is ignored after."""
+    if isinstance(message, CancelSaga | RetrySaga | ResolveSaga):
+        return message.message_id
+    return None
+
+
+def deny(state: SagaState | None, request: Request, by: str, reason: str, now: float) -> Decision:
+    """A signed request the authorization policy refused (`saga.core.policy.authorize`).
+
+    The refusal is recorded and raises an alert, so the audit trail shows it: a start of an id
+    with no saga (or a rejected one) is a `SagaRejected` saga, which a later allowed start
+    still starts; any other request is a `RequestDenied` event of its saga, which changes
+    nothing else. A request for an id that names no saga leaves no record (there is no log to
+    put it in): the caller dead-letters it.
+
+    Args:
+        state: The saga's state, ``None`` when it has not started.
+        request: The refused request, its ``by`` the verified principal.
+        by: The principal that signed it.
+        reason: Why the policy refused it.
+        now: The current time.
+    """
+    text = f"{request.type} by {by!r} refused: {reason}"
+    if isinstance(request, StartSaga) and (state is None or state.status is SagaStatus.REJECTED):
+        decision = _record(
+            state,
+            SagaRejected,
+            now,
+            saga_id=request.saga_id,
+            message_id=request.message_id,
+            name=request.saga_name,
+            input=request.input,
+            reason=text,
+            by=by,
+        )
+    elif state is None:
+        return Decision(None, rejected=text)
+    else:
+        decision = _record(
+            state,
+            RequestDenied,
+            now,
+            request=request.type,
+            message_id=request.message_id,
+            by=by,
+            reason=reason,
+        )
+    assert decision.state is not None
+    name = request.saga_name if isinstance(request, StartSaga) else decision.state.name
+    alert = Alert(
+        saga_id=request.saga_id, saga_name=name, reason=text, steps=[], at=now, kind="denied"
+    )
+    return Decision(decision.state, events=decision.events, alerts=(alert,))
 
 
 def next_due(state: SagaState) -> float | None:
@@ -212,21 +276,34 @@ def _duplicate_start(state: SagaState, m: StartSaga, now: float) -> Decision:
     if differs and m.if_exists == "refuse":
         reason = f"{where} {', and '.join(how)}: refused (if_exists='refuse')"
         return _record(
-            state, StartRefused, now, message_id=m.message_id, reason=reason, differs=differs
+            state,
+            StartRefused,
+            now,
+            message_id=m.message_id,
+            reason=reason,
+            differs=differs,
+            by=m.by,
         )
     if differs:
         reason = f"{where} {', and '.join(how)}: the existing saga is kept (if_exists='return')"
     else:
         reason = f"{where}: the existing saga is kept"
     return _record(
-        state, StartIgnored, now, message_id=m.message_id, reason=reason, differs=differs
+        state, StartIgnored, now, message_id=m.message_id, reason=reason, differs=differs, by=m.by
     )
 
 
 def _after_rejection(state: SagaState, message: Input, now: float) -> Decision:
     """Any input but a start, for a rejected saga: it has no steps and sent nothing."""
     if isinstance(message, CancelSaga):
-        return _record(state, CancelRejected, now, reason="the saga is rejected")
+        return _record(
+            state,
+            CancelRejected,
+            now,
+            reason="the saga is rejected",
+            message_id=message.message_id,
+            by=message.by,
+        )
     if isinstance(message, RetrySaga | ResolveSaga):
         return Decision(state, ignored=f"saga {state.saga_id!r} is rejected, not stuck")
     if isinstance(message, Reply):
@@ -270,4 +347,3 @@ def give_up(
     plan.emit(SagaStuck, reason=reason)
     schedule.raise_alert(plan)
     return Decision(state=plan.state, events=tuple(plan.events), alerts=tuple(plan.alerts))
-

@@ -22,6 +22,7 @@ __all__ = [
     "CompensationSucceeded",
     "Event",
     "EventBase",
+    "RequestDenied",
     "SagaAborted",
     "SagaCompensated",
     "SagaCompleted",
@@ -72,6 +73,8 @@ class SagaStarted(EventBase):
     digest: str | None = Field(default=None, exclude_if=unset)
     """`saga.core.definition.SagaDefinition.digest` of the definition it started on (``None``
     in records written before digests)."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
 class SagaRejected(EventBase):
@@ -91,6 +94,8 @@ class SagaRejected(EventBase):
     input: JsonObject
     """The request's input."""
     reason: str
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
 class StartIgnored(EventBase):
@@ -103,6 +108,8 @@ class StartIgnored(EventBase):
     reason: str
     differs: list[str]
     """What the request had that the saga has not: ``name``, ``input``, or nothing."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
 class StartRefused(EventBase):
@@ -115,6 +122,8 @@ class StartRefused(EventBase):
     reason: str
     differs: list[str]
     """What differed from the saga: ``name``, ``input`` or both."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
 class StepStarted(StepEvent):
@@ -191,6 +200,10 @@ class SagaAborted(EventBase):
     reason: str
     step: str | None = None
     """The step whose failure caused it, if any (``None`` for a cancel)."""
+    message_id: str | None = Field(default=None, exclude_if=unset)
+    """The request's (``None`` when no request caused it)."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
 class SagaCompleted(EventBase):
@@ -218,6 +231,12 @@ class SagaResumed(EventBase):
     type: Literal["saga_resumed"] = "saga_resumed"
     compensating: bool
     """Whether the saga resumes its compensation (else it resumes going forward)."""
+    reason: str | None = Field(default=None, exclude_if=unset)
+    """The operator's reason (a retry's) or note (a resolve's)."""
+    message_id: str | None = Field(default=None, exclude_if=unset)
+    """The request's (``None`` when no request caused it)."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
 class StepResolved(StepEvent):
@@ -238,6 +257,24 @@ class CancelRejected(EventBase):
     """A cancel arrived too late (the pivot had started) or for a finished saga."""
 
     type: Literal["cancel_rejected"] = "cancel_rejected"
+    reason: str
+    message_id: str | None = Field(default=None, exclude_if=unset)
+    """The request's (``None`` when no request caused it)."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asked (the request's verified principal; ``None`` in records written before it)."""
+
+
+class RequestDenied(EventBase):
+    """A signed request that the authorization policy refused (`saga.core.policy`): recorded
+    so that the audit trail shows refused attempts next to accepted ones. Nothing changed."""
+
+    type: Literal["request_denied"] = "request_denied"
+    request: str
+    """The request's kind: ``cancel``, ``retry``, ``resolve`` (a refused start of an id with
+    no saga is a `SagaRejected`)."""
+    message_id: str
+    by: str
+    """The principal that signed it."""
     reason: str
 
 
@@ -262,6 +299,7 @@ Event = Annotated[
     | CancelRejected
     | SagaRejected
     | StartIgnored
-    | StartRefused,
+    | StartRefused
+    | RequestDenied,
     Field(discriminator="type"),
 ]

@@ -34,6 +34,7 @@ from saga.core.events import (
     CompensationSucceeded,
     Event,
     EventBase,
+    RequestDenied,
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
@@ -65,6 +66,7 @@ from saga.core.wire import (
 __all__ = [
     "SCHEMA_VERSION",
     "Alert",
+    "AlertKind",
     "CancelRejected",
     "CancelSaga",
     "Checkpoint",
@@ -80,6 +82,7 @@ __all__ = [
     "Phase",
     "Reply",
     "Request",
+    "RequestDenied",
     "ResolveSaga",
     "RetrySaga",
     "SagaAborted",
@@ -134,6 +137,10 @@ class StartSaga(WireMessage):
     at: float
     if_exists: IfExists = Field(default="return", exclude_if=lambda v: v == "return")
     """What a start for an id that exists does: ``return`` (keep it) or ``refuse``."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asks: the principal that signed the request, as the coordinator verified it (what a
+    request says here itself is a claim, replaced by the verified signer when messages are
+    signed)."""
 
 
 class CancelSaga(WireMessage):
@@ -144,6 +151,10 @@ class CancelSaga(WireMessage):
     saga_id: str
     reason: str = "cancelled by request"
     at: float
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asks: the principal that signed the request, as the coordinator verified it (what a
+    request says here itself is a claim, replaced by the verified signer when messages are
+    signed)."""
 
 
 class RetrySaga(WireMessage):
@@ -153,6 +164,12 @@ class RetrySaga(WireMessage):
     message_id: str
     saga_id: str
     at: float
+    reason: str | None = Field(default=None, exclude_if=unset)
+    """Why the operator retries, for the audit trail."""
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asks: the principal that signed the request, as the coordinator verified it (what a
+    request says here itself is a claim, replaced by the verified signer when messages are
+    signed)."""
 
 
 class ResolveSaga(WireMessage):
@@ -167,13 +184,15 @@ class ResolveSaga(WireMessage):
     saga_id: str
     note: str = "resolved by an operator"
     at: float
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who asks: the principal that signed the request, as the coordinator verified it (what a
+    request says here itself is a claim, replaced by the verified signer when messages are
+    signed)."""
 
 
 Request = StartSaga | CancelSaga | RetrySaga | ResolveSaga
 """Anything a client sends to the requests topic."""
-request_adapter: TypeAdapter[Request] = TypeAdapter(
-    Annotated[Request, Field(discriminator="type")]
-)
+request_adapter: TypeAdapter[Request] = TypeAdapter(Annotated[Request, Field(discriminator="type")])
 
 
 # -- commands and replies -------------------------------------------------------------------------
@@ -250,8 +269,14 @@ class Checkpoint(WireMessage):
     coordinator refuses to run on another count (`saga.errors.TopologyChanged`)."""
 
 
+AlertKind = Literal["stuck", "denied", "forbidden"]
+"""Why an alert was raised: a saga is ``stuck``; a request was ``denied`` by the policy; a
+signed message came from a principal that may not send it (``forbidden``)."""
+
+
 class Alert(WireMessage):
-    """Raised when a saga gets stuck; operators act with `saga retry` or `saga resolve`."""
+    """Raised when a saga gets stuck (operators act with `saga retry` or `saga resolve`), and
+    when the trust boundary refuses a signed message (someone should look at who sent it)."""
 
     type: Literal["alert"] = "alert"
     saga_id: str
@@ -259,6 +284,7 @@ class Alert(WireMessage):
     reason: str
     steps: list[str]
     at: float
+    kind: AlertKind = Field(default="stuck", exclude_if=lambda v: v == "stuck")
 
 
 SnapshotRecord = Annotated[Snapshot | Checkpoint, Field(discriminator="type")]

@@ -141,6 +141,7 @@ class Plan:
                     digest=self.d.digest,
                     input=m.input,
                     reason=f"saga {self.d.name!r}: input is invalid: {_brief(exc)}",
+                    by=m.by,
                 )
                 return None
         self.emit(
@@ -151,6 +152,7 @@ class Plan:
             input=m.input,
             steps=[s.name for s in self.d.steps],
             digest=self.d.digest,
+            by=m.by,
         )
         return None
 
@@ -226,9 +228,15 @@ class Plan:
         elif (pivot := self.d.pivot) and self.step_state(pivot).status is not StepStatus.PENDING:
             reason = f"the pivot {pivot!r} has started: the saga can only go forward"
         else:
-            self.emit(SagaAborted, reason=f"cancelled: {m.reason}", step=None)
+            self.emit(
+                SagaAborted,
+                reason=f"cancelled: {m.reason}",
+                step=None,
+                message_id=m.message_id,
+                by=m.by,
+            )
             return None
-        self.emit(CancelRejected, reason=reason)
+        self.emit(CancelRejected, reason=reason, message_id=m.message_id, by=m.by)
         return None
 
     def on_retry(self, m: RetrySaga) -> tuple[str, str] | None:
@@ -264,7 +272,13 @@ class Plan:
             return "ignored", f"saga {m.saga_id!r} is {self.s.status.value}, not stuck"
         stuck = list(self.stuck_steps())
         compensating = any(ss.stuck_phase == "compensation" for _, ss in stuck)
-        self.emit(SagaResumed, compensating=compensating)
+        self.emit(
+            SagaResumed,
+            compensating=compensating,
+            reason=m.note if isinstance(m, ResolveSaga) else m.reason,
+            message_id=m.message_id,
+            by=m.by,
+        )
         for name, ss in stuck:
             (compensation if ss.stuck_phase == "compensation" else action)(self.d.step(name), ss)
         return None

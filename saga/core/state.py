@@ -60,6 +60,7 @@ from saga.core.messages import (
     ErrorInfo,
     EventBase,
     Phase,
+    RequestDenied,
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
@@ -84,6 +85,7 @@ __all__ = [
     "FINAL_STATUSES",
     "IN_FLIGHT",
     "RECORD_ONLY",
+    "REMEMBERED_REQUESTS",
     "SAGA_TRANSITIONS",
     "SETTLED_FOR_UNDO",
     "STEP_TRANSITIONS",
@@ -175,9 +177,12 @@ STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
 """(event type, step status before) -> step status after. Anything else is illegal."""
 
 G = SagaStatus
-RECORD_ONLY: frozenset[type[EventBase]] = frozenset({CancelRejected, StartIgnored, StartRefused})
+RECORD_ONLY: frozenset[type[EventBase]] = frozenset(
+    {CancelRejected, StartIgnored, StartRefused, RequestDenied}
+)
 """Events that record a request the saga answered without moving: legal in every status, they
-change neither the status nor anything else but ``seq`` and ``updated_at``."""
+change neither the status nor anything else but ``seq``, ``updated_at`` and the requests
+handled (`SagaState.requests`)."""
 SAGA_TRANSITIONS: dict[tuple[type[EventBase], SagaStatus | None], SagaStatus] = {
     (SagaStarted, None): G.RUNNING,
     (SagaStarted, G.REJECTED): G.RUNNING,  # a valid start after a rejected one: nothing ran
@@ -251,6 +256,10 @@ class SagaState(BaseModel):
     digest: str | None = Field(default=None, exclude_if=lambda v: v is None)
     """The digest of the definition it started on (`SagaStarted.digest`; ``None`` for sagas
     started before digests, or rejected without a definition)."""
+    requests: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
+    """The message ids of the latest operator requests the saga answered (cancel, retry,
+    resolve; at most `REMEMBERED_REQUESTS`), so that the same request delivered or replayed
+    again changes nothing."""
 
     @property
     def is_final(self) -> bool:
@@ -296,6 +305,8 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
             f"saga {state.saga_id!r}: event seq {event.seq} does not follow {state.seq}"
         )
     changes: dict[str, Any] = {"seq": event.seq, "updated_at": event.at}
+    if isinstance(event, _REQUEST_EVENTS) and event.message_id is not None:
+        changes["requests"] = (*state.requests, event.message_id)[-REMEMBERED_REQUESTS:]
     if isinstance(event, StepEvent) and type(event) in _STEP_EVENT_TYPES:
         changes["steps"] = {**state.steps, event.step: _evolve_step(state, event)}
     changes.update(_evolve_saga(state, event))
@@ -303,6 +314,12 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
 
 
 _STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
+_REQUEST_EVENTS = (SagaAborted, CancelRejected, SagaResumed, RequestDenied)
+"""The events that answer an operator request, with its message id."""
+
+REMEMBERED_REQUESTS = 32
+"""How many operator requests a saga remembers (`SagaState.requests`): far more than a saga
+sees in practice, and a bound on what a snapshot carries."""
 
 
 def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaState:

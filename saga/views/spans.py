@@ -25,6 +25,7 @@ from saga.core.messages import (
     ErrorInfo,
     EventBase,
     Phase,
+    RequestDenied,
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
@@ -142,10 +143,19 @@ _SAGA_MARKS = {
     SagaRejected: "rejected",
     StartIgnored: "start ignored",
     StartRefused: "start refused",
+    RequestDenied: "request denied",
 }
 
 
-_WITH_REASON = SagaAborted | SagaStuck | CancelRejected | SagaRejected | StartIgnored | StartRefused
+_WITH_REASON = (
+    SagaAborted
+    | SagaStuck
+    | CancelRejected
+    | SagaRejected
+    | StartIgnored
+    | StartRefused
+    | RequestDenied
+)
 """The saga-level events that carry a ``reason``, shown with their mark."""
 
 

@@ -182,16 +182,29 @@ class Driver:
 
     def cancel(self, reason: str = "customer changed their mind") -> Decision:
         return self.send(
-            CancelSaga(message_id="cancel", saga_id=self.saga_id, reason=reason, at=self.now)
+            CancelSaga(
+                message_id=self._request_id("cancel"),
+                saga_id=self.saga_id,
+                reason=reason,
+                at=self.now,
+            )
         )
 
     def retry(self) -> Decision:
-        return self.send(RetrySaga(message_id="retry", saga_id=self.saga_id, at=self.now))
+        return self.send(
+            RetrySaga(message_id=self._request_id("retry"), saga_id=self.saga_id, at=self.now)
+        )
 
     def resolve(self, note: str = "fixed by hand") -> Decision:
         return self.send(
-            ResolveSaga(message_id="resolve", saga_id=self.saga_id, note=note, at=self.now)
+            ResolveSaga(
+                message_id=self._request_id("resolve"), saga_id=self.saga_id, note=note, at=self.now
+            )
         )
+
+    def _request_id(self, kind: str) -> str:
+        # A fresh id per request: a saga ignores a request id it has answered before.
+        return f"{kind}/{len(self.events)}"
 
     # -- reading ---------------------------------------------------------------------------
 

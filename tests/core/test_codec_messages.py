@@ -67,6 +67,8 @@ EVENTS: list[BaseModel] = [
     m.StepResolved(**BASE, step="pay", attempt=3, note="charged by hand"),
     m.CompensationResolved(**BASE, step="pay", attempt=2, note="refunded by hand"),
     m.CancelRejected(**BASE, reason="the pivot has started"),
+    m.CancelRejected(**BASE, reason="too late", message_id="m9", by="alice"),
+    m.RequestDenied(**BASE, request="retry", message_id="m8", by="mallory", reason="no rule"),
 ]
 REQUESTS: list[BaseModel] = [
     m.StartSaga(message_id="m1", saga_id="saga-1", saga_name="order", input={"a": 1}, at=1.0),
@@ -76,6 +78,7 @@ REQUESTS: list[BaseModel] = [
     m.CancelSaga(message_id="m2", saga_id="saga-1", at=2.0),
     m.CancelSaga(message_id="m3", saga_id="saga-1", reason="changed my mind", at=2.0),
     m.RetrySaga(message_id="m4", saga_id="saga-1", at=3.0),
+    m.RetrySaga(message_id="m6", saga_id="saga-1", at=3.0, reason="db back", by="alice"),
     m.ResolveSaga(message_id="m5", saga_id="saga-1", note="done by hand", at=4.0),
 ]
 OTHERS: list[BaseModel] = [

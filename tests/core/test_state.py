@@ -17,6 +17,7 @@ from saga.core.messages import (
     CompensationSucceeded,
     ErrorInfo,
     EventBase,
+    RequestDenied,
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
@@ -100,6 +101,7 @@ SAGA_EVENT_FIELDS: dict[type[EventBase], dict[str, Any]] = {
     StartIgnored: {"message_id": "m", "reason": "exists", "differs": []},
     StartRefused: {"message_id": "m", "reason": "exists", "differs": ["input"]},
     CancelRejected: {"reason": "too late"},
+    RequestDenied: {"request": "retry", "message_id": "m", "by": "mallory", "reason": "no rule"},
 }
 
 
