@@ -16,8 +16,14 @@ Traces. Each saga is one trace (its id derived from the saga id, `saga.runtime.t
 
 Spans are made after the coordinator's transaction commits, never while it rebuilds state, so
 a restart adds no duplicates. Attributes come from an allowlist (ids, names, attempts, error
-types and messages); payloads are added only with ``record_payloads=True``
-(``SAGA_TRACE_PAYLOADS=1``).
+types); payloads are added only with ``record_payloads=True`` (``SAGA_TRACE_PAYLOADS=1``; off
+by default).
+
+Error messages carry personal data in practice, so wherever an error's text would go (the
+``saga.error.message`` attribute, a span status, the ``error.message`` of a span event, and the
+saga's ``reason``, which quotes step errors), the observer's redactor writes what stands for it
+(`saga.runtime.redaction`): by default the type and the message's length. The error type is
+always kept. ``redactor=keep_message`` (or ``SAGA_REDACT=none``) puts messages back.
 
 Why not opentelemetry-instrumentation-aiokafka: it makes one span per send at send time and
 injects its own context. Our sends are transactional, so a span at send time would describe
@@ -70,6 +76,7 @@ from saga.core.messages import (
 )
 from saga.runtime.observe import Committed, Handling, Outbound
 from saga.runtime.ports import Headers
+from saga.runtime.redaction import Redactor, redactor_from_env, safely
 from saga.runtime.traceids import command_span_id, root_span_id, trace_id_for
 
 __all__ = ["DeterministicIds", "OpenTelemetryObserver"]
@@ -132,10 +139,17 @@ def _inject(context: otel_context.Context | None = None) -> Headers:
 
 
 class _SpanHandling:
-    def __init__(self, span: trace.Span, started: float, record: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        span: trace.Span,
+        started: float,
+        record: Callable[..., None],
+        redactor: Redactor,
+    ) -> None:
         self.span = span
         self.started = started
         self.record = record
+        self.redactor = redactor
 
     def outcome(self, ok: bool, error: ErrorInfo | None, replayed: bool) -> None:
         kind = "ok" if ok else ("business" if error and error.business else "technical")
@@ -143,9 +157,10 @@ class _SpanHandling:
         self.span.set_attribute("saga.replayed", replayed)
         if error is not None:
             self.span.set_attribute("saga.error.type", error.type)
-            self.span.set_attribute("saga.error.message", error.message[:500])
+            shown = safely(self.redactor, error)
+            self.span.set_attribute("saga.error.message", shown[:500])
             if not error.business:
-                self.span.set_status(Status(StatusCode.ERROR, error.message[:200]))
+                self.span.set_status(Status(StatusCode.ERROR, shown[:200]))
         self.record(kind, time.monotonic() - self.started)
 
 
@@ -158,6 +173,11 @@ class OpenTelemetryObserver:
         meter_provider: Where metrics go.
         record_payloads: Put saga inputs and step outputs on spans (off by default: they may
             hold personal data).
+        redactor: What stands for an error's message in spans (`saga.runtime.redaction`);
+            by default the one ``SAGA_REDACT`` chooses, `redact` when it is unset.
+
+    Raises:
+        UsageError: ``redactor`` is not given and ``SAGA_REDACT`` names no redactor.
     """
 
     def __init__(
@@ -166,10 +186,12 @@ class OpenTelemetryObserver:
         meter_provider: MeterProvider,
         *,
         record_payloads: bool = False,
+        redactor: Redactor | None = None,
     ) -> None:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.record_payloads = record_payloads
+        self.redactor: Redactor = redactor if redactor is not None else redactor_from_env()
         self.tracer = tracer_provider.get_tracer("saga")
         meter: Meter = meter_provider.get_meter("saga")
         self._started = meter.create_counter("saga.sagas.started", description="Sagas started")
@@ -192,7 +214,8 @@ class OpenTelemetryObserver:
         """Configured by the standard variables: ``OTEL_SERVICE_NAME``,
         ``OTEL_EXPORTER_OTLP_ENDPOINT`` (default http://localhost:4318), ``OTEL_TRACES_EXPORTER``
         (``otlp`` or ``none``), ``OTEL_METRICS_EXPORTER`` (``none`` unless set to ``otlp``:
-        Jaeger takes traces only), ``OTEL_SDK_DISABLED``; and ``SAGA_TRACE_PAYLOADS``."""
+        Jaeger takes traces only), ``OTEL_SDK_DISABLED``; and ``SAGA_TRACE_PAYLOADS`` and
+        ``SAGA_REDACT``."""
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -282,7 +305,7 @@ class OpenTelemetryObserver:
         with self.tracer.start_as_current_span(
             name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         ) as span:
-            yield _SpanHandling(span, time.monotonic(), record)
+            yield _SpanHandling(span, time.monotonic(), record, self.redactor)
 
     # -- spans for one decision ------------------------------------------------------------
 
@@ -314,15 +337,16 @@ class OpenTelemetryObserver:
             links=_link_to(item.headers),
             start_time=start,
         )
+        scrub = self._scrubber(state, events)
         for event in events:
-            span.add_event(event.type, _event_attributes(event), _ns(event.at))
+            span.add_event(event.type, self._event_attributes(event, scrub), _ns(event.at))
         if item.decision.alerts:
             span.set_status(Status(StatusCode.ERROR, "saga stuck"))
         span.end(end)
         for command in item.decision.commands:
             self._send(command, state.steps[command.step].attempt, root, base, start, end)
         for event in events:
-            self._metrics_and_marks(event, state, root, base)
+            self._metrics_and_marks(event, state, root, base, scrub)
 
     def _root(
         self, event: SagaStarted, trace_id: int, base: dict[str, Any], headers: Headers
@@ -382,7 +406,12 @@ class OpenTelemetryObserver:
         span.end(end)
 
     def _metrics_and_marks(
-        self, event: EventBase, state: Any, root: otel_context.Context, base: dict[str, Any]
+        self,
+        event: EventBase,
+        state: Any,
+        root: otel_context.Context,
+        base: dict[str, Any],
+        scrub: Callable[[str], str],
     ) -> None:
         labels = {"saga": state.name}
         if isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
@@ -397,7 +426,7 @@ class OpenTelemetryObserver:
                     "saga.phase": phase,
                     "saga.attempt": event.attempt,
                     "saga.error.type": event.error.type,
-                    "saga.error.message": event.error.message[:500],
+                    "saga.error.message": safely(self.redactor, event.error)[:500],
                 },
                 start_time=_ns(event.at),
             )
@@ -422,22 +451,52 @@ class OpenTelemetryObserver:
             span = self.tracer.start_span(
                 f"saga {status}",
                 context=root,
-                attributes={**base, "saga.status": status, "saga.reason": state.reason or ""},
+                attributes={
+                    **base,
+                    "saga.status": status,
+                    "saga.reason": scrub(state.reason or ""),
+                },
                 start_time=_ns(state.started_at),
             )
             if status == "stuck":
-                span.set_status(Status(StatusCode.ERROR, state.reason or "stuck"))
+                span.set_status(Status(StatusCode.ERROR, scrub(state.reason or "") or "stuck"))
             span.end(_ns(event.at))
+
+    # -- error text --------------------------------------------------------------------------
+
+    def _scrubber(self, state: Any, events: Sequence[EventBase]) -> Callable[[str], str]:
+        """Replaces, in a text, every step error's message by what the redactor shows for it.
+
+        A saga's ``reason`` quotes step errors verbatim (``step 'pay' failed: <message>``, and
+        every stuck step's message), so it is scrubbed of every error this decision and the
+        state know, longest first; the rest of it (step names, an operator's reason) stays.
+        """
+        errors: dict[str, str] = {}
+        known = [e.error for e in events if isinstance(e, _WITH_ERROR)]
+        known += [s.error for s in state.steps.values() if s.error is not None]
+        for error in known:
+            if error.message and error.message not in errors:
+                errors[error.message] = safely(self.redactor, error)
+        ordered = sorted(errors.items(), key=lambda item: -len(item[0]))
+
+        def scrub(text: str) -> str:
+            for message, shown in ordered:
+                if message != shown:
+                    text = text.replace(message, shown)
+            return text
+
+        return scrub
+
+    def _event_attributes(self, event: EventBase, scrub: Callable[[str], str]) -> dict[str, Any]:
+        found = {k: v for k, v in event.model_dump(include=set(_ATTRIBUTES)).items() if v}
+        if isinstance(found.get("reason"), str):
+            found["reason"] = scrub(found["reason"])
+        if isinstance(event, _WITH_ERROR):
+            found["error.type"] = event.error.type
+            found["error.message"] = safely(self.redactor, event.error)[:500]
+        return found
 
 
 _ATTRIBUTES = frozenset({"step", "attempt", "reason", "retry_at", "deadline_at", "phase"})
 """The event fields a span event carries (no payloads: those may hold personal data)."""
 _WITH_ERROR = (StepRetryScheduled, StepFailedEvent, StepStuck, CompensationRetryScheduled)
-
-
-def _event_attributes(event: EventBase) -> dict[str, Any]:
-    found = {k: v for k, v in event.model_dump(include=set(_ATTRIBUTES)).items() if v}
-    if isinstance(event, _WITH_ERROR):
-        found["error.type"] = event.error.type
-        found["error.message"] = event.error.message[:500]
-    return found

@@ -6,7 +6,8 @@ says what to do, with exit status 1 (2 for a usage error).
 
 The commands live by family: `saga.cli.serve` (coordinator, participant), `saga.cli.sagas`
 (start, status, list), `saga.cli.operate` (cancel, retry, resolve), `saga.cli.inspect`
-(replay, watch, timeline, rebuild, graph, trace); `saga.cli.common` holds what they share.
+(replay, watch, timeline, rebuild, graph, trace), `saga.cli.keys` (keys, policy);
+`saga.cli.common` holds what they share.
 Each adds its subcommands with a ``handler``; this module parses and dispatches.
 """
 
@@ -18,13 +19,16 @@ from collections.abc import Sequence
 
 import anyio
 
-from saga.cli import inspect, operate, sagas, serve
+from saga.cli import inspect, keys, operate, sagas, serve
 from saga.cli.common import CliError, Handler, common_options, load_app
 from saga.errors import (
+    ConfigurationError,
+    ConnectionFailed,
     DefinitionError,
     SagaExists,
     TopologyChanged,
     TransportError,
+    Unauthorized,
     UnknownSaga,
 )
 
@@ -60,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(prog="saga", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (serve, sagas, operate, inspect):
+    for family in (serve, sagas, operate, inspect, keys):
         family.add_commands(sub, common)
     return parser
 
@@ -76,6 +80,15 @@ async def _dispatch(args: argparse.Namespace) -> int:
         ) from None
     except (UnknownSaga, TopologyChanged, SagaExists) as exc:
         raise CliError(str(exc)) from None
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from None
+    except (Unauthorized, ConnectionFailed) as exc:
+        # Their messages name the cause and the setting; the hint below (topics, prefix) is
+        # about another problem.
+        where = (
+            "" if args.bootstrap_servers in str(exc) else f" (Kafka at {args.bootstrap_servers})"
+        )
+        raise CliError(f"{exc}{where}") from None
     except TransportError as exc:
         raise CliError(
             f"{exc} (Kafka at {args.bootstrap_servers}, prefix {args.prefix!r}): check that a "

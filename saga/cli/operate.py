@@ -31,30 +31,36 @@ class Operation:
     name: str
     """The command, and the ``requested`` field of its JSON output."""
     help: str
-    send: Callable[[SagaClient, str], Awaitable[int]]
-    """Sends the request for a saga id; returns the saga's ``seq`` when asked."""
+    send: Callable[[SagaClient, str, str | None], Awaitable[int]]
+    """Sends the request for a saga id, with the operator's reason or note; returns the
+    saga's ``seq`` when asked."""
     ends_well: frozenset[SagaStatus]
     """The final statuses that mean the request got what it asked for."""
+    why: str
+    """The option that carries the operator's words: ``--reason`` or ``--note``."""
 
 
 OPERATIONS = (
     Operation(
         "cancel",
         "cancel a saga (until its pivot starts)",
-        lambda c, saga_id: c.cancel(saga_id),
+        lambda c, saga_id, why: c.cancel(saga_id, why or "cancelled by request"),
         frozenset({SagaStatus.COMPENSATED}),
+        "--reason",
     ),
     Operation(
         "retry",
         "re-drive a stuck saga",
-        lambda c, saga_id: c.retry(saga_id),
+        lambda c, saga_id, why: c.retry(saga_id, why),
         frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED}),
+        "--reason",
     ),
     Operation(
         "resolve",
         "declare a stuck saga's stuck steps handled by hand",
-        lambda c, saga_id: c.resolve(saga_id),
+        lambda c, saga_id, why: c.resolve(saga_id, why or "resolved by an operator"),
         frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED}),
+        "--note",
     ),
 )
 """The commands, in the order ``saga --help`` lists them."""
@@ -65,6 +71,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     for op in OPERATIONS:
         p = sub.add_parser(op.name, parents=[common], help=op.help)
         p.add_argument("saga_id")
+        p.add_argument(
+            op.why,
+            dest="why",
+            metavar="TEXT",
+            help="why (recorded in the saga's log with who asked; `saga replay` shows it)",
+        )
         p.add_argument(
             "--wait",
             type=float,
@@ -77,7 +89,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 async def _request(args: argparse.Namespace) -> int:
     op: Operation = args.operation
     async with client(args) as c:
-        seq = await op.send(c, args.saga_id)
+        seq = await op.send(c, args.saga_id, args.why)
         if args.wait is None:
             data = {"saga_id": args.saga_id, "requested": op.name}
             out(args, data, f"{op.name} requested for {args.saga_id}")

@@ -11,7 +11,8 @@ from typing import Any
 
 import anyio
 
-from saga.cli.common import CliError, definitions, load_app, transport
+from saga.cli.common import CliError, definitions, kafka_transport, load_app, sealed, trust
+from saga.runtime.ports import Transport
 
 __all__ = ["add_commands"]
 
@@ -46,17 +47,31 @@ async def _serve_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -
         tg.cancel_scope.cancel()
 
 
+async def _connected(args: argparse.Namespace) -> Transport:
+    """The transport, once it has reached the broker with its settings: a wrong password, an
+    untrusted certificate or a missing right ends the process here, with the setting to fix,
+    before any saga is touched."""
+    kafka = kafka_transport(args)
+    await kafka.check()
+    logging.getLogger("saga").info("connected to Kafka: %s", kafka.security.describe())
+    return sealed(args, kafka)
+
+
 async def _coordinator(args: argparse.Namespace) -> int:
     from saga.adapters.tracing import OpenTelemetryObserver
     from saga.runtime.coordinator import Coordinator
 
+    found = definitions(args.app)
+    signing = trust(args, "coordinator")
+    kafka = await _connected(args)
     observer = OpenTelemetryObserver.from_env("saga-coordinator")
     coordinator = Coordinator(
-        definitions(args.app),
-        transport=transport(args),
+        found,
+        transport=kafka,
         prefix=args.prefix,
         partitions=args.partitions,
         observer=observer,
+        trust=signing,
     )
     try:
         await _serve_until_signalled(coordinator.run)
@@ -73,12 +88,18 @@ async def _participant(args: argparse.Namespace) -> int:
         raise CliError(f"--app {args.app!r}: expected a saga.Participant")
     from saga.adapters.tracing import OpenTelemetryObserver
 
+    signing = trust(args, "participant")
+    signing.check_role("participant", participant.service)
+    kafka = await _connected(args)
     observer = OpenTelemetryObserver.from_env(participant.service)
-    kafka = transport(args)
     try:
         await _serve_until_signalled(
             lambda: participant.run(
-                kafka, prefix=args.prefix, partitions=args.partitions, observer=observer
+                kafka,
+                prefix=args.prefix,
+                partitions=args.partitions,
+                observer=observer,
+                trust=signing,
             )
         )
     finally:

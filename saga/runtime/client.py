@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -28,6 +28,7 @@ from saga.core.messages import (
 from saga.core.replay import Replay, is_saga_key
 from saga.core.state import SagaState, SagaStatus
 from saga.errors import DecodeError, SagaExists, SagaTimeout, UnknownSaga, UsageError
+from saga.runtime.gate import SealsRecords
 from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.ports import (
     Clock,
@@ -39,6 +40,9 @@ from saga.runtime.ports import (
     Topics,
     Transport,
 )
+
+if TYPE_CHECKING:
+    from saga.runtime.trust import SigningKey
 
 __all__ = ["SagaClient", "new_saga_id"]
 
@@ -62,6 +66,10 @@ class SagaClient:
         observer: Gives each request its headers (trace context); none by default.
         local: A source of state consulted before the snapshots (a coordinator's memory of the
             sagas it owns); ``None`` for the saga it does not know.
+        signer: Signs every request (`saga.runtime.trust`): required where the coordinators
+            verify signatures, which then record its principal as who asked.
+        actor: Who asks, when requests are not signed (recorded as an unverified claim);
+            ignored with a ``signer``, whose principal is who asks.
     """
 
     def __init__(
@@ -73,8 +81,12 @@ class SagaClient:
         partitions: int = 6,
         observer: Observer | None = None,
         local: Callable[[str], SagaState | None] | None = None,
+        signer: SigningKey | None = None,
+        actor: str | None = None,
     ) -> None:
         self.transport = transport
+        self.signer = signer
+        self.actor = signer.principal if signer is not None else actor
         self.topics = Topics(prefix)
         self.clock = clock or SystemClock()
         self.partitions = partitions
@@ -88,10 +100,11 @@ class SagaClient:
     async def _ensure_topics(self) -> None:
         # A broker that auto-creates topics would give a client's first write a one-partition
         # topic, which the coordinator cannot co-partition; create them right. Reads create
-        # nothing: a mistyped prefix must not leave topics behind.
+        # nothing: a mistyped prefix must not leave topics behind. Only the topics a client
+        # uses: on a secured broker it may not even see the others (the coordinator makes them).
         if not self._topics_ready:
             t = self.topics
-            names = [t.requests, t.replies, t.log, t.snapshots, t.dlq, t.alerts]
+            names = [t.requests, t.log, t.snapshots]
             await self.transport.ensure_topics(names, self.partitions, compacted=[t.snapshots])
             self._topics_ready = True
 
@@ -112,6 +125,11 @@ class SagaClient:
             self._producer = await self._stack.enter_async_context(self.transport.producer())
         headers = (*self.observer.headers(message), *headers)
         record = Outgoing(self.topics.requests, message.saga_id.encode(), encode(message), headers)
+        if self.signer is not None:
+            # Sealed, then signed (see saga.runtime.gate): the bytes signed are those written.
+            if isinstance(self.transport, SealsRecords):
+                record = self.transport.seal_record(record)
+            record = self.signer.sign_outgoing(record)
         await self._producer.send([record])
 
     async def start(
@@ -156,6 +174,7 @@ class SagaClient:
             input=dict(input),
             at=self.clock.now(),
             if_exists=if_exists,
+            by=self.actor,
         )
         if if_exists == "refuse":
             existing = await self.status(saga_id)
@@ -188,13 +207,18 @@ class SagaClient:
         state = await self.status(saga_id)
         seq = state.seq if state is not None else 0
         message = CancelSaga(
-            message_id=new_saga_id(), saga_id=saga_id, reason=reason, at=self.clock.now()
+            message_id=new_saga_id(),
+            saga_id=saga_id,
+            reason=reason,
+            at=self.clock.now(),
+            by=self.actor,
         )
         await self._send(message)
         return seq
 
-    async def retry(self, saga_id: str) -> int:
-        """Asks for a stuck saga's stuck steps or compensations to run again.
+    async def retry(self, saga_id: str, reason: str | None = None) -> int:
+        """Asks for a stuck saga's stuck steps or compensations to run again (``reason``: why,
+        for the audit trail).
 
         Returns:
             The saga's ``seq`` when asked: ``wait(saga_id, t, after=seq)`` waits for the
@@ -205,7 +229,14 @@ class SagaClient:
             UnknownSaga: No coordinator has recorded a saga with that id.
         """
         seq = await self._seq(saga_id)
-        await self._send(RetrySaga(message_id=new_saga_id(), saga_id=saga_id, at=self.clock.now()))
+        message = RetrySaga(
+            message_id=new_saga_id(),
+            saga_id=saga_id,
+            at=self.clock.now(),
+            reason=reason,
+            by=self.actor,
+        )
+        await self._send(message)
         return seq
 
     async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> int:
@@ -219,7 +250,10 @@ class SagaClient:
         """
         seq = await self._seq(saga_id)
         at = self.clock.now()
-        await self._send(ResolveSaga(message_id=new_saga_id(), saga_id=saga_id, note=note, at=at))
+        message = ResolveSaga(
+            message_id=new_saga_id(), saga_id=saga_id, note=note, at=at, by=self.actor
+        )
+        await self._send(message)
         return seq
 
     async def _seq(self, saga_id: str) -> int:
@@ -336,4 +370,3 @@ class _Tail:
         self.next = max(self.next, record.offset + 1)
         if record.key in self.latest:
             self.latest[record.key] = record
-

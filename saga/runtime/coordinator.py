@@ -40,11 +40,12 @@ from saga.core.definition import SagaDefinition
 from saga.core.messages import Alert
 from saga.core.replay import Replay, is_saga_key
 from saga.core.state import SagaState
-from saga.errors import Fenced, TopologyChanged, TransportError
+from saga.errors import Fenced, TopologyChanged, TransportError, Unauthorized
 from saga.runtime.catalog import Catalog
 from saga.runtime.client import SagaClient
 from saga.runtime.dlq import DeadLetter
 from saga.runtime.facade import CoordinatorFacade
+from saga.runtime.gate import CoordinatorGate
 from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.partition import Batch, OwnedPartition
 from saga.runtime.ports import (
@@ -58,6 +59,7 @@ from saga.runtime.ports import (
 )
 from saga.runtime.retention import Retention
 from saga.runtime.splitting import Trouble, partitions_of
+from saga.runtime.trust import Trust
 
 __all__ = ["AlertHook", "Coordinator", "CoordinatorStats"]
 
@@ -107,7 +109,8 @@ class Coordinator(CoordinatorFacade):
         prefix: Topic name prefix.
         partitions: Partition count used when creating the topics.
         clock: Time source (`saga.testing` passes a virtual clock).
-        alert_hooks: Called for each stuck saga after its alert is committed.
+        alert_hooks: Called with each alert after it is committed: a stuck saga, a request the
+            policy denied, a signed message from a principal that may not send it.
         batch_size: Most records handled in one poll (and so in one transaction per partition).
         limits: Decoding bounds for incoming messages.
         observer: Told of every committed decision (tracing, metrics), and gives outgoing
@@ -120,6 +123,10 @@ class Coordinator(CoordinatorFacade):
             ``max_request_size`` and the broker's ``message.max.bytes`` (both 1 MiB by default).
             A step output too large to keep fails the step (``OutputTooLarge``, a business
             failure); any other decision that cannot be written leaves the saga stuck.
+        trust: This coordinator's signing key, the keyring and the authorization policy
+            (`saga.runtime.trust.Trust`): commands are signed, replies and requests verified
+            and authorized (`saga.runtime.gate`). ``None``, or `Trust.unsigned`, checks
+            nothing, and the coordinator says so loudly when it starts.
     """
 
     def __init__(
@@ -137,8 +144,10 @@ class Coordinator(CoordinatorFacade):
         evict_after: float = 300.0,
         tombstone_after: float | None = 7 * 86_400.0,
         max_record_bytes: int = 1_000_000,
+        trust: Trust | None = None,
     ) -> None:
         self.transport = transport
+        self.gate = CoordinatorGate(trust, transport)
         self.max_record_bytes = max_record_bytes
         self.retention = Retention(evict_after, tombstone_after)
         self.topics = Topics(prefix)
@@ -162,6 +171,7 @@ class Coordinator(CoordinatorFacade):
             partitions=partitions,
             observer=self.observer,
             local=self.local_status,
+            signer=trust.signer if trust is not None else None,
         )
         self._stack = AsyncExitStack()
         self._serve_facade()
@@ -227,6 +237,7 @@ class Coordinator(CoordinatorFacade):
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serves until cancelled: polls inputs, decides, commits, fires timers."""
+        self.gate.start_up(self.catalog.all())
         await self.ensure_topics()
         t = self.topics
         async with self.transport.consumer(
@@ -302,6 +313,7 @@ class Coordinator(CoordinatorFacade):
                 self.observer,
                 self.retention,
                 self.max_record_bytes,
+                self.gate,
             )
             dead = await part.recover(self.transport, self.clock.now())
             if dead:
@@ -313,10 +325,13 @@ class Coordinator(CoordinatorFacade):
                     [*records, part.checkpoint()], {}, self.topics.coordinator_group
                 )
                 self._count_dead(dead)
+        except Unauthorized:
+            await stack.aclose()
+            raise  # the broker refuses this principal a right: no retry can help
         except Exception as exc:
-            # Whatever failed (the broker, a fence, a bug in a record), the partition is taken
-            # over again on the next loop iteration; retriable or not, giving up would strand
-            # every saga of the partition.
+            # Whatever else failed (the broker, a fence, a bug in a record), the partition is
+            # taken over again on the next loop iteration; retriable or not, giving up would
+            # strand every saga of the partition.
             await stack.aclose()
             log.warning("partition %d: could not take it over (%s); will try again", p, exc)
             self._lost.add(p)
@@ -475,4 +490,3 @@ class Coordinator(CoordinatorFacade):
             if (state := part.states.get(saga_id)) is not None:
                 return state
         return None
-

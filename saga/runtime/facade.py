@@ -76,9 +76,7 @@ class CoordinatorFacade:
             raise UnknownSaga(f"no saga definition named {name!r}; known: {known}")
         if definition.input_model is not None:
             definition.input_model.model_validate(input)
-        return await self._client.start(
-            name, input, saga_id, headers=headers, if_exists=if_exists
-        )
+        return await self._client.start(name, input, saga_id, headers=headers, if_exists=if_exists)
 
     async def cancel(self, saga_id: str, reason: str = "cancelled by request") -> int:
         """Asks for the saga to be cancelled (compensated), honoured until its pivot starts.
@@ -88,14 +86,15 @@ class CoordinatorFacade:
         """
         return await self._client.cancel(saga_id, reason)
 
-    async def retry(self, saga_id: str) -> int:
-        """Re-drives a stuck saga: its stuck steps or compensations run again.
+    async def retry(self, saga_id: str, reason: str | None = None) -> int:
+        """Re-drives a stuck saga: its stuck steps or compensations run again (``reason``: why,
+        for the audit trail).
 
         Returns:
             The saga's ``seq`` when asked: ``wait(saga_id, t, after=seq)`` waits for the
             re-driven run, not for the stuck state it had.
         """
-        return await self._client.retry(saga_id)
+        return await self._client.retry(saga_id, reason)
 
     async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> int:
         """Declares a stuck saga's stuck steps handled by hand; the saga then carries on.

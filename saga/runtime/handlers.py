@@ -22,7 +22,11 @@ A handler's outcome is classified in exactly one place, `invoke`:
   concurrency relies on it propagating.
 
 Error messages and details are cut short (`MAX_ERROR_MESSAGE`, `MAX_ERROR_DETAILS`); a reply
-that still does not fit is cut further by `smaller`, as `saga.runtime.outcomes` does.
+that still does not fit is cut further by `smaller`, as `saga.runtime.outcomes` does. The
+WARNING logged for a technical failure names the exception's type and a redacted summary
+(`saga.runtime.redaction`; ``SAGA_REDACT=none`` keeps the message); the full text is logged at
+DEBUG and replied in the `ErrorInfo`, unencrypted even under a payload codec, which seals inputs
+and outputs only (`saga.adapters.sealing`).
 
 Async handlers run in the event loop; plain ones in a worker thread of a bounded pool (the
 participant's ``workers``), so that blocking calls stall neither other sagas nor the event
@@ -48,6 +52,7 @@ from pydantic import BaseModel, ValidationError
 from saga.core.codec import DEFAULT_LIMITS
 from saga.core.messages import ErrorInfo
 from saga.errors import StepFailed
+from saga.runtime.redaction import redact_exception
 
 __all__ = [
     "CallNext",
@@ -289,14 +294,19 @@ def _depth(value: object) -> int:
 
 
 def _technical(exc: BaseException, ctx: StepContext) -> Outcome:
+    # The message often holds personal data (a card number, an address), so the WARNING says
+    # what `saga.runtime.redaction` lets through (by default the type and length only); the
+    # full text goes to DEBUG and into the reply's ErrorInfo, which is the saga's own data.
+    extra = {"saga_id": ctx.saga_id, "step": ctx.step, "attempt": ctx.attempt}
     log.warning(
-        "%s/%s attempt %d failed: %r",
+        "%s/%s attempt %d failed: %s",
         ctx.saga_id,
         ctx.step,
         ctx.attempt,
-        exc,
-        extra={"saga_id": ctx.saga_id, "step": ctx.step, "attempt": ctx.attempt},
+        redact_exception(exc),
+        extra=extra,
     )
+    log.debug("%s/%s attempt %d failed: %r", ctx.saga_id, ctx.step, ctx.attempt, exc, extra=extra)
     message = _text(exc) or _text(repr(exc))
     return False, None, ErrorInfo(type=type(exc).__name__, message=message)
 

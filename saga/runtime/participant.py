@@ -88,6 +88,7 @@ from saga.core.codec import COMMAND_LIMITS, Limits, decode
 from saga.core.messages import command_adapter
 from saga.errors import DecodeError, TransportError, UsageError
 from saga.runtime.dlq import DeadLetter
+from saga.runtime.gate import ParticipantGate, Refusal
 from saga.runtime.handlers import (
     CallNext,
     Handler,
@@ -102,6 +103,7 @@ from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.outcomes import Outcomes, ParticipantStats, Rules
 from saga.runtime.ports import Clock, Consumer, Outgoing, Producer, SystemClock, Topics, Transport
 from saga.runtime.stores import MemoryReplyStore, ReplyStore
+from saga.runtime.trust import Trust
 
 __all__ = [
     "CallNext",
@@ -128,6 +130,7 @@ class _Deployment:
     clock: Clock
     limiter: anyio.CapacityLimiter
     outcomes: Outcomes
+    gate: ParticipantGate
 
 
 class _Backoff:
@@ -276,6 +279,7 @@ class Participant:
         partitions: int = 6,
         observer: Observer | None = None,
         clock: Clock | None = None,
+        trust: Trust | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serves on ``transport`` until cancelled.
@@ -291,10 +295,19 @@ class Participant:
             observer: Told of every command handled (tracing, metrics), and gives the replies
                 their headers; none by default.
             clock: Time source (`saga.testing` passes a virtual clock).
+            trust: This service's signing key, the keyring and the policy
+                (`saga.runtime.trust.Trust`): commands run only if a coordinator signed them,
+                and replies are signed (`saga.runtime.gate`). ``None`` checks nothing.
             task_status: Set once the participant has joined its group (for
                 ``TaskGroup.start``).
+
+        Raises:
+            saga.runtime.trust.TrustError: ``trust`` signs as a principal that does not answer
+                for this service in the policy, or lacks the keyring or the policy.
         """
         observer, clock = observer or NullObserver(), clock or SystemClock()
+        if trust is not None:
+            trust.check_role("participant", self.service)
         rules = Rules(self.service, self.max_deliveries, self.max_reply_bytes, self.clock_skew)
         d = _Deployment(
             transport=transport,
@@ -312,6 +325,7 @@ class Participant:
                 clock,
                 observer,
             ),
+            gate=ParticipantGate(trust, transport),
         )
         topic = d.topics.commands(self.service)
         group = d.topics.participant_group(self.service)
@@ -339,6 +353,7 @@ class Participant:
         partitions: int = 6,
         observer: Observer | None = None,
         clock: Clock | None = None,
+        trust: Trust | None = None,
     ) -> AsyncIterator[Participant]:
         """Serves in the background while the block runs (see `run` for the arguments).
 
@@ -352,6 +367,7 @@ class Participant:
             partitions=partitions,
             observer=observer,
             clock=clock,
+            trust=trust,
         )
         async with anyio.create_task_group() as tg:
             await tg.start(run)
@@ -404,6 +420,11 @@ class Participant:
         """The records to send for ``taken``: its reply, its dead letter, or both; and the dead
         letter, if any."""
         record = taken.record
+        sender = d.gate.sender(record)  # before decoding: nothing unsigned is parsed further
+        if isinstance(sender, Refusal):
+            return self._dead(DeadLetter(record, sender.reason, sender.detail), d)
+        if (refusal := d.gate.command(sender)) is not None:
+            return self._dead(DeadLetter(record, refusal.reason, refusal.detail), d)
         try:
             command = decode(command_adapter, record.value, self.limits)
         except DecodeError as exc:
@@ -423,7 +444,7 @@ class Participant:
                 return self._dead(DeadLetter(record, "reply_too_large", detail), d)
             reply, value, headers = fitted
             handling.outcome(reply.ok, reply.error, replayed)
-        out = [Outgoing(d.topics.replies, command.saga_id.encode(), value, headers)]
+        out = [d.gate.sign(Outgoing(d.topics.replies, command.saga_id.encode(), value, headers))]
         if dead is not None:
             out.append(dead.outgoing(d.topics.dlq))
         return out, dead

@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from saga.core.codec import Limits, decode, encode
-from saga.core.decide import Decision, Input, Tick, decide, give_up, input_kind, next_due
+from saga.core.decide import Decision, Input, Tick, decide, deny, give_up, input_kind, next_due
 from saga.core.definition import SagaDefinition
 from saga.core.messages import (
     Alert,
     Checkpoint,
     ErrorInfo,
     Reply,
+    Request,
     Snapshot,
     StartSaga,
     reply_adapter,
@@ -45,11 +46,20 @@ from saga.core.messages import (
 )
 from saga.core.replay import Replay, checkpoint_key
 from saga.core.state import SagaState
-from saga.errors import DecodeError, SagaError, TopologyChanged
+from saga.errors import ConfigurationError, DecodeError, SagaError, TopologyChanged
 from saga.runtime.catalog import Catalog
 from saga.runtime.dlq import DeadLetter
+from saga.runtime.gate import CoordinatorGate, Refusal
 from saga.runtime.observe import Committed, Observer
-from saga.runtime.ports import Outgoing, Record, TopicPartition, Topics, Transport, TxProducer
+from saga.runtime.ports import (
+    UNSEALED_HEADER,
+    Outgoing,
+    Record,
+    TopicPartition,
+    Topics,
+    Transport,
+    TxProducer,
+)
 from saga.runtime.retention import Retained, Retention
 
 __all__ = ["Batch", "OwnedPartition"]
@@ -99,6 +109,7 @@ class OwnedPartition:
         retention: How long finished sagas stay in memory and in the snapshots.
         max_record_bytes: Largest record a transaction may hold (below the producer's and the
             broker's limits): a decision that needs a larger one is not written as it is.
+        gate: Checks who sent each input, and signs the commands.
     """
 
     def __init__(
@@ -111,8 +122,10 @@ class OwnedPartition:
         observer: Observer,
         retention: Retention,
         max_record_bytes: int,
+        gate: CoordinatorGate,
     ) -> None:
         self.number = number
+        self.gate = gate
         self.producer = producer
         self.topics = topics
         self.limits = limits
@@ -124,6 +137,7 @@ class OwnedPartition:
         """The log offset after the last event this partition's sagas have in the log."""
         self._timers: list[tuple[float, str]] = []
         self._stack = stack
+        self._partition_for: Callable[[bytes, int], int] = lambda key, count: self.number
 
     async def close(self) -> None:
         """Closes the producer."""
@@ -174,16 +188,17 @@ class OwnedPartition:
         """
         fold: Replay[Record] = Replay()
         async for record in transport.read(self.topics.snapshots, self.number):
-            fold.add_snapshot(record)
+            fold.add_snapshot(_opened(record))
         recorded = fold.partition_counts.get(self.number)
         self.partition_count = await transport.partitions(self.topics.log)
+        self._partition_for = transport.partition_for
         if recorded is not None and recorded != self.partition_count:
             raise TopologyChanged(
                 recorded, self.partition_count, partition=self.number, prefix=self.topics.prefix
             )
         start = fold.start_offset(self.number)
         async for record in transport.read(self.topics.log, self.number, start):
-            fold.add_log_record(record)
+            fold.add_log_record(_opened(record))
         self.states = fold.states
         self.log_next = fold.log_next.get(self.number, start)
         for state in self.states.values():
@@ -278,6 +293,10 @@ class OwnedPartition:
             self.retained.track(state)
 
     def _stage_record(self, batch: Batch, record: Record, now: float, catalog: Catalog) -> None:
+        sender = self.gate.sender(record)  # before decoding: nothing unsigned is parsed further
+        if isinstance(sender, Refusal):
+            self._dead(batch, record, sender.reason, sender.detail)
+            return
         try:
             message: Input
             if record.topic == self.topics.requests:
@@ -291,6 +310,14 @@ class OwnedPartition:
         if record.key != saga_id.encode():
             self._dead(batch, record, "wrong_key", f"key {record.key!r} is not the saga id")
             return
+        if self.partition_count and (
+            home := self._partition_for(record.key, self.partition_count)
+        ) != record.partition:
+            # Its saga lives on another partition (a foreign partitioner, or a signed record
+            # copied to another partition: the partition is not signed).
+            detail = f"saga {saga_id!r} belongs on partition {home}, not {record.partition}"
+            self._dead(batch, record, "wrong_partition", detail)
+            return
         state = batch.states.get(saga_id) or self.states.get(saga_id)
         if isinstance(message, StartSaga):
             definition = catalog.for_start(message.saga_name)
@@ -303,6 +330,19 @@ class OwnedPartition:
             return
         else:
             definition = catalog.for_state(state)
+        if isinstance(message, Reply):
+            refusal = self.gate.reply(message, sender, definition)
+            if refusal is not None:
+                assert state is not None  # replies reach here only for a known saga
+                self._refuse_reply(batch, record, state, refusal, now)
+                return
+        elif not isinstance(message, Tick):
+            message, refusal = self.gate.request(
+                message, sender, state.name if state else None, now
+            )
+            if refusal is not None:
+                self._refuse_request(batch, record, state, message, refusal, now)
+                return
         try:
             decision = decide(definition, state, message, now)
         except SagaError as exc:
@@ -333,6 +373,43 @@ class OwnedPartition:
             Committed(state, decision, input_kind(message), reply, record.headers, now)
         )
 
+    def _refuse_reply(
+        self, batch: Batch, record: Record, state: SagaState, refusal: Refusal, now: float
+    ) -> None:
+        """A validly signed reply from a principal that does not answer for its step: dead
+        letter and alert (someone holds a service's key and uses it for another's steps)."""
+        self._dead(batch, record, refusal.reason, refusal.detail)
+        alert = Alert(
+            saga_id=state.saga_id,
+            saga_name=state.name,
+            reason=refusal.detail,
+            steps=[],
+            at=now,
+            kind="forbidden",
+        )
+        batch.records.append(Outgoing(self.topics.alerts, state.saga_id.encode(), encode(alert)))
+        batch.alerts.append(alert)
+
+    def _refuse_request(
+        self,
+        batch: Batch,
+        record: Record,
+        state: SagaState | None,
+        message: Request,
+        refusal: Refusal,
+        now: float,
+    ) -> None:
+        """A request refused at the gate: dead letter, and, when its signer is known (a denial
+        by the policy), the denial in the saga's log with an alert."""
+        self._dead(batch, record, refusal.reason, refusal.detail)
+        if refusal.reason != "forbidden" or message.by is None:
+            return  # unauthenticated: no one to record, and anyone could fill the log
+        decision = deny(state, message, message.by, refusal.detail, now)
+        if decision.state is not None and self._stage_decision(batch, decision) is None:
+            batch.committed.append(
+                Committed(state, decision, input_kind(message), None, record.headers, now)
+            )
+
     def _stage_decision(self, batch: Batch, decision: Decision) -> str | None:
         """Stages the decision's records; or, if one of them is larger than a record may be,
         stages nothing and says which."""
@@ -344,7 +421,7 @@ class OwnedPartition:
         records = [Outgoing(t.log, key, encode(e), partition=n) for e in decision.events]
         for command in decision.commands:
             topic, headers = t.commands(command.service), self.observer.headers(command)
-            records.append(Outgoing(topic, key, encode(command), headers))
+            records.append(self.gate.sign(Outgoing(topic, key, encode(command), headers)))
         records += [Outgoing(t.alerts, key, encode(alert)) for alert in decision.alerts]
         snap = Snapshot(saga_id=state.saga_id, state=state.model_dump(mode="json"))
         snapshot = Outgoing(t.snapshots, key, encode(snap), partition=n)
@@ -393,8 +470,24 @@ class OwnedPartition:
         batch.records.append(dead.outgoing(self.topics.dlq))
 
 
+def _opened(record: Record) -> Record:
+    """``record`` of the log or the snapshots, if its sealed payloads could be opened.
+
+    Raises:
+        ConfigurationError: They could not (a payload key is missing, or the record was
+            changed): setting it aside would lose the saga, so the partition is not taken
+            until the keys are put right.
+    """
+    if (why := record.header(UNSEALED_HEADER)) is not None:
+        raise ConfigurationError(
+            f"{record.topic}/{record.partition}@{record.offset} cannot be opened ({why}): put "
+            "the payload key it names back into SAGA_PAYLOAD_KEYS (keep old keys after a "
+            "rotation until no record needs them)"
+        )
+    return record
+
+
 def _size(record: Outgoing) -> int:
     """Roughly what the broker counts of a record: key, value and headers."""
     headers = sum(len(k) + len(v) for k, v in record.headers)
     return len(record.key or b"") + len(record.value or b"") + headers
-

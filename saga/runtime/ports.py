@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
+    "UNSEALED_HEADER",
     "Clock",
     "Consumer",
     "Headers",
@@ -33,6 +34,12 @@ TopicPartition = tuple[str, int]
 Headers = tuple[tuple[str, bytes], ...]
 """Record headers: (name, value) pairs, in order."""
 
+UNSEALED_HEADER = "saga-unsealed-error"
+"""Set on a record by a transport that could not open its sealed payload
+(`saga.adapters.sealing`): its value is left as it came, and the reader sets the record aside
+with this header's text as the reason. Never taken from the wire: such a transport strips it
+from what it receives first."""
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -45,6 +52,25 @@ class Record:
     value: bytes | None
     headers: Headers = ()
     timestamp: float = 0.0
+    wire_value: bytes | None = None
+    """The value as the broker holds it, when a transport changed it on the way in (it opened
+    sealed payloads); ``None`` when ``value`` is that. Signatures are over these bytes."""
+
+    @property
+    def as_written(self) -> Record:
+        """The record as its producer wrote it (``wire_value`` as its value), for checking
+        its signature."""
+        if self.wire_value is None:
+            return self
+        return Record(
+            self.topic,
+            self.partition,
+            self.offset,
+            self.key,
+            self.wire_value,
+            self.headers,
+            self.timestamp,
+        )
 
     def header(self, name: str) -> str | None:
         """The first header called ``name``, decoded as text (``None`` if absent)."""
