@@ -175,6 +175,13 @@ def _trust_options(common: argparse.ArgumentParser) -> None:
         "$SAGA_PAYLOAD_KEYS; see `saga keys data-key`)",
     )
     group.add_argument(
+        "--max-request-age",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long a signed request is honoured (default: ${env['max_request_age']} or "
+        "86400)",
+    )
+    group.add_argument(
         "--unsigned",
         action="store_true",
         help=f"run without signing or checking anything: local development only "
@@ -211,6 +218,11 @@ def trust(args: argparse.Namespace, role: Role) -> Trust:
                 **os.environ,
                 **{env[n]: str(v) for n, v in given.items() if v},
                 **({env["unsigned"]: "1"} if unsigned_flag else {}),
+                **(
+                    {env["max_request_age"]: str(args.max_request_age)}
+                    if getattr(args, "max_request_age", None) is not None
+                    else {}
+                ),
             },
             settings=settings,
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ResolveError", "references", "render"]
+__all__ = ["ResolveError", "lookup", "references", "render", "render_with"]
 
 _PREFIX = "$."
 
@@ -66,6 +66,48 @@ def render(
     return _render(template, saga_id, saga_input, outputs)
 
 
+def render_with(template: Any, roots: Mapping[str, Any]) -> Any:
+    """Resolves every reference in ``template`` against named roots: ``$.event.id`` reads
+    ``roots["event"]["id"]``. For the templates that are not a step's input (a trigger's saga
+    id and input over ``$.event``, an outcome event over ``$.status`` and ``$.input``, a
+    fan-out item's ``$.item``); unlike `render`, a template of ``None`` stays ``None``.
+
+    Raises:
+        ResolveError: A root or a path does not exist (the message names the reference).
+    """
+    if isinstance(template, str) and template.startswith(_PREFIX):
+        return lookup(template, roots)
+    if isinstance(template, Mapping):
+        return {k: render_with(v, roots) for k, v in template.items()}
+    if isinstance(template, list | tuple):
+        return [render_with(v, roots) for v in template]
+    return template
+
+
+def lookup(ref: str, roots: Mapping[str, Any]) -> Any:
+    """The value a ``$.root.path`` reference names in ``roots``.
+
+    Raises:
+        ResolveError: The root is not one of ``roots``, or the path is not in its value.
+    """
+    parts = ref[len(_PREFIX) :].split(".") if ref.startswith(_PREFIX) else [ref]
+    if parts[0] not in roots:
+        known = ", ".join(f"$.{r}" for r in roots)
+        raise ResolveError(f"{ref}: unknown reference (use {known})")
+    return _walk(ref, roots[parts[0]], parts[1:])
+
+
+def _walk(ref: str, value: Any, path: list[str]) -> Any:
+    for key in path:
+        if isinstance(value, Mapping) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            raise ResolveError(f"{ref}: no {key!r} in the data")
+    return value
+
+
 def _render(
     template: Any, saga_id: str, saga_input: Mapping[str, Any], outputs: Mapping[str, Any]
 ) -> Any:
@@ -98,11 +140,4 @@ def _lookup(
         raise ResolveError(
             f"{ref}: unknown reference (use $.input, $.steps.NAME.output or $.saga_id)"
         )
-    for key in path:
-        if isinstance(value, Mapping) and key in value:
-            value = value[key]
-        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
-            value = value[int(key)]
-        else:
-            raise ResolveError(f"{ref}: no {key!r} in the data")
-    return value
+    return _walk(ref, value, path)

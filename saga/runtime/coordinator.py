@@ -471,12 +471,17 @@ class Coordinator(CoordinatorFacade):
             self.observer.dead_lettered(d.source_topic, d.reason)
 
     async def _run_alert_hooks(self, alert: Alert) -> None:
+        # A stuck saga's reason quotes its steps' error messages, which carry users' data in
+        # practice: the log names the steps, `saga status` and the alerts topic give the rest.
+        # A refusal's reason names principals and rules only.
+        reason = alert.reason if alert.kind != "stuck" else f"steps {alert.steps}"
         log.error(
-            "saga %s (%s) is stuck: %s",
+            "saga %s (%s): %s: %s",
             alert.saga_id,
             alert.saga_name,
-            alert.reason,
-            extra={"saga_id": alert.saga_id, "saga_name": alert.saga_name, "reason": alert.reason},
+            alert.kind,
+            reason,
+            extra={"saga_id": alert.saga_id, "saga_name": alert.saga_name, "kind": alert.kind},
         )
         for hook in self.alert_hooks:
             try:

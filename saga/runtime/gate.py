@@ -183,6 +183,17 @@ class CoordinatorGate(_Gate):
 class ParticipantGate(_Gate):
     """What a participant checks of each command, and how it signs replies."""
 
+    def start_up(self, service: str) -> None:
+        """Warns, once, when commands are not verified (anyone who can write to the command
+        topic can make this service act)."""
+        if self.trust is None:
+            log.warning(
+                "service %r runs commands without checking who sent them (unsigned mode): "
+                "give it SAGA_SIGNING_KEY, SAGA_KEYRING and SAGA_POLICY outside local "
+                "development",
+                service,
+            )
+
     def command(self, sender: str | None) -> Refusal | None:
         """Why a command signed by ``sender`` is refused: it is not a coordinator."""
         if self.trust is None or sender is None:

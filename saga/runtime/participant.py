@@ -327,6 +327,7 @@ class Participant:
             ),
             gate=ParticipantGate(trust, transport),
         )
+        d.gate.start_up(self.service)
         topic = d.topics.commands(self.service)
         group = d.topics.participant_group(self.service)
         backoff = _Backoff()
