@@ -23,6 +23,9 @@ KAFKA_CONTROLLER_PORT ?= 9093
 # KAFKA_CONTROLLER_PORT + 2(k-1) (9092/9093, 9094/9095, 9096/9097). `make kafka-down` stops
 # either.
 BROKERS ?= 1
+# `make kafka-up SECURE=1`: the single broker with TLS, SASL/SCRAM and ACLs instead (same ports;
+# deploy/kafka_secure.py). It writes ~/.cache/saga-engine/secure/<principal>.env for clients.
+SECURE ?=
 
 .PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench chaos clean
 
@@ -31,12 +34,17 @@ help:
 	@echo "make deps         fetch Kafka and build Jaeger into the user cache (once)"
 	@echo "make kafka-up     start Kafka on 127.0.0.1:$(KAFKA_PORT) in the background"
 	@echo "                  (BROKERS=3: a 3-broker cluster on ports $(KAFKA_PORT), +2, +4)"
-	@echo "make kafka-down   stop it (the single broker or the cluster)"
+	@echo "                  (SECURE=1: SASL_SSL only, SCRAM users, ACLs; env files in"
+	@echo "                  ~/.cache/saga-engine/secure/<principal>.env)"
+	@echo "make kafka-down   stop it (the single broker, the secured one or the cluster)"
 	@echo "make jaeger-up    start Jaeger (OTLP 4317/4318, UI http://127.0.0.1:16686)"
 	@echo "make jaeger-down  stop it"
 	@echo "make lint         ruff and mypy --strict"
 	@echo "make test         install, deps, lint, then pytest (starts its own Kafka and Jaeger)"
 	@echo "make demo         run the example services against kafka-up and jaeger-up"
+	@echo "                  (SECURE=1: on kafka-up SECURE=1, every process signing as its"
+	@echo "                  principal, the policy enforced, payloads sealed; keys made once in"
+	@echo "                  ~/.cache/saga-engine/secure/demo)"
 	@echo "make chaos        the chaos suite at a larger size (CHAOS_SAGAS, CHAOS_SEED to replay)"
 	@echo "make bench        benchmarks on a throwaway Kafka and Jaeger (report: bench/REPORT.md)"
 	@echo "make clean        remove .venv and the project's caches (not ~/.cache)"
@@ -54,7 +62,9 @@ deps: $(STAMP)
 	$(PY) -m deploy.compose install
 
 kafka-up: $(STAMP)
-ifeq ($(BROKERS),1)
+ifneq ($(SECURE),)
+	$(PY) -m deploy.kafka_secure up --port $(KAFKA_PORT) --controller-port $(KAFKA_CONTROLLER_PORT)
+else ifeq ($(BROKERS),1)
 	$(PY) -m deploy.kafka up --port $(KAFKA_PORT) --controller-port $(KAFKA_CONTROLLER_PORT)
 else
 	$(PY) -m deploy.kafka_cluster up --brokers $(BROKERS) \
@@ -63,6 +73,7 @@ endif
 
 kafka-down: $(STAMP)
 	$(PY) -m deploy.kafka down
+	$(PY) -m deploy.kafka_secure down
 	$(PY) -m deploy.kafka_cluster down
 
 jaeger-up: $(STAMP)
@@ -88,7 +99,7 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory jaeger-up
 	SAGA_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) \
 	OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 \
-	$(PY) -m services.demo
+	$(PY) -m services.demo $(if $(SECURE),--secure)
 
 # The chaos suite runs in `make test` at a small size; this runs it larger. A failing run prints
 # its seed: CHAOS_SEED=<seed> make chaos replays it.

@@ -1,10 +1,15 @@
-"""End-to-end throughput and latency on a real broker, with tracing off and on in one run.
+"""End-to-end throughput and latency on a real broker: plain, with signed messages, with
+signed and sealed messages, and with tracing on, in one run.
 
 Run: ``python -m bench.bench_engine --bootstrap HOST:PORT [--otlp http://HOST:4318]
 [--sagas 300] [--window 50]``. Without ``--bootstrap`` it starts a throwaway broker (and, for
 the tracing run, a Jaeger) with `deploy`. The coordinator and four participants run in this
 process (one core), so the figures are a floor for a deployment with one process per service.
-Prints one JSON object per run and the ratio between them.
+Prints one JSON object per run and the ratios against the plain run.
+
+The signed run signs every command, reply and request with Ed25519 and verifies each before
+it is decided (`saga.runtime.trust`, `saga.runtime.gate`); the sealed run also seals inputs
+and outputs with AES-GCM (`saga.adapters.sealing`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import resource
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -24,7 +30,11 @@ import anyio
 
 from saga import Coordinator, Participant, SagaDefinition, SagaStatus, Step, StepContext
 from saga.adapters.kafka import KafkaTransport
+from saga.adapters.sealing import AesGcmCodec, SealedTransport
+from saga.core.policy import parse_policy
 from saga.runtime.observe import NullObserver, Observer
+from saga.runtime.ports import Transport
+from saga.runtime.trust import Keyring, Trust, new_key
 
 DEFINITION = SagaDefinition(
     name="bench",
@@ -54,16 +64,55 @@ def participants() -> list[Participant]:
     return found
 
 
-async def one_run(bootstrap: str, sagas: int, window: int, observer: Observer) -> dict[str, Any]:
+POLICY = """
+version: 1
+coordinators: [coordinator]
+services: {s1: [s1], s2: [s2], s3: [s3], s4: [s4]}
+rules: []
+"""
+
+
+def trusts() -> Callable[[str], Trust]:
+    """Each principal's signed `Trust` (coordinator and the four services)."""
+    keys = {p: new_key(p) for p in ("coordinator", "s1", "s2", "s3", "s4")}
+    ring = Keyring(k.public_entry() for k in keys.values())
+    policy = parse_policy(POLICY)
+    return lambda principal: Trust.signed(keys[principal], ring, policy)
+
+
+async def one_run(
+    bootstrap: str,
+    sagas: int,
+    window: int,
+    observer: Observer,
+    *,
+    signed: bool = False,
+    sealed: bool = False,
+) -> dict[str, Any]:
     """Runs ``sagas`` sagas with at most ``window`` in flight; returns the figures."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    transport = KafkaTransport(bootstrap)
-    coordinator = Coordinator([DEFINITION], transport=transport, prefix=prefix, observer=observer)
+    transport: Transport = KafkaTransport(bootstrap)
+    if sealed:
+        transport = SealedTransport(transport, AesGcmCodec({"k1": os.urandom(32)}, "k1"))
+    trust = trusts() if signed else None
+    coordinator = Coordinator(
+        [DEFINITION],
+        transport=transport,
+        prefix=prefix,
+        observer=observer,
+        trust=trust("coordinator") if trust else None,
+    )
     async with coordinator:
         services = participants()
         async with anyio.create_task_group() as tg:
             for p in services:
-                run = functools.partial(p.run, transport, prefix=prefix, observer=observer)
+                run = functools.partial(
+                    p.run,
+                    transport,
+                    prefix=prefix,
+                    observer=observer,
+                    trust=trust(p.service) if trust else None,
+                )
                 await tg.start(run)
             # Warm up: topics, group joins and metadata are not what we measure.
             warm = await coordinator.start("bench", {})
@@ -79,11 +128,11 @@ async def one_run(bootstrap: str, sagas: int, window: int, observer: Observer) -
                     assert state.status is SagaStatus.COMPLETED
                     latencies.append(time.perf_counter() - t0)
 
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             async with anyio.create_task_group() as runs:
                 for i in range(sagas):
                     runs.start_soon(one, i)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             tg.cancel_scope.cancel()
     latencies.sort()
     return {
@@ -95,13 +144,16 @@ async def one_run(bootstrap: str, sagas: int, window: int, observer: Observer) -
         "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
         "latency_p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 1),
         "latency_per_step_p50_ms": round(statistics.median(latencies) * 1000 / 3, 1),
+        "cpu_s": round(cpu, 3),
+        "cpu_ms_per_step": round(cpu * 1000 / (4 * sagas), 3),
         "transactions": coordinator.stats.transactions,
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 
 def main() -> None:
-    """Parses arguments, runs tracing off then on, prints JSON lines and the ratio."""
+    """Parses arguments, runs plain, signed, signed and sealed, and traced; prints JSON lines
+    and the ratios against the plain run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bootstrap")
     parser.add_argument("--otlp", help="OTLP HTTP endpoint for the tracing run")
@@ -120,23 +172,34 @@ def main() -> None:
             otlp = stack.enter_context(start_jaeger()).otlp_http_endpoint
         from saga.adapters.tracing import OpenTelemetryObserver
 
-        off = anyio.run(one_run, bootstrap, args.sagas, args.window, NullObserver())
-        print(json.dumps({"tracing": "off", **off}), flush=True)
+        runs = {}
+        off = NullObserver()
+        for name, extra in (("plain", {}), ("signed", {"signed": True})):
+            runs[name] = anyio.run(
+                functools.partial(one_run, bootstrap, args.sagas, args.window, off, **extra)
+            )
+            print(json.dumps({"run": name, **runs[name]}), flush=True)
+        both = functools.partial(
+            one_run, bootstrap, args.sagas, args.window, off, signed=True, sealed=True
+        )
+        runs["signed+sealed"] = anyio.run(both)
+        print(json.dumps({"run": "signed+sealed", **runs["signed+sealed"]}), flush=True)
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp
         observer = OpenTelemetryObserver.from_env("bench")
-        on = anyio.run(one_run, bootstrap, args.sagas, args.window, observer)
+        runs["traced"] = anyio.run(one_run, bootstrap, args.sagas, args.window, observer)
         observer.shutdown()
-        print(json.dumps({"tracing": "on", **on}), flush=True)
-        print(
-            json.dumps(
-                {
-                    "throughput_on_over_off": round(on["sagas_per_s"] / off["sagas_per_s"], 3),
-                    "p50_latency_on_over_off": round(
-                        on["latency_p50_ms"] / off["latency_p50_ms"], 3
-                    ),
-                }
-            )
-        )
+        print(json.dumps({"run": "traced", **runs["traced"]}), flush=True)
+        plain = runs["plain"]
+        ratios = {
+            f"{name}_over_plain": {
+                "throughput": round(r["sagas_per_s"] / plain["sagas_per_s"], 3),
+                "latency_p50": round(r["latency_p50_ms"] / plain["latency_p50_ms"], 3),
+                "cpu": round(r["cpu_s"] / plain["cpu_s"], 3),
+            }
+            for name, r in runs.items()
+            if name != "plain"
+        }
+        print(json.dumps(ratios))
 
 
 if __name__ == "__main__":

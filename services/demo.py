@@ -18,6 +18,15 @@ Run ``python -m services.demo`` (``make demo`` starts Kafka and Jaeger first). I
 It exits with status 0 when every saga reached a final state (completed, compensated or
 stuck), 1 otherwise, 130 when interrupted.
 
+By default it runs unsigned on the plain broker of ``make kafka-up``. With ``--secure`` (or
+``SAGA_DEMO_SECURE=1``; ``make demo SECURE=1``) it runs on the secured broker of ``make
+kafka-up SECURE=1`` (TLS, SASL/SCRAM, ACLs; its users and CA are read from the cache), with
+every process signing as its own principal, the policy enforced and payloads sealed: the keys,
+keyring, policy and payload keys are made on the first run in
+``~/.cache/saga-engine/secure/demo`` and reused afterwards (`services.secure.SecureSetup`), the
+prefix's ACLs are granted at start, and an ``operator.env`` there lets the ``saga`` commands
+of the summary run as the operator.
+
 The slow-restaurant order is sent once the rest of the batch is past the kitchen. A
 participant handles one polled batch of commands at a time, so a handler that stalls until its
 deadline holds up every restaurant command that arrives meanwhile; sent with the others, it
@@ -30,6 +39,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -46,7 +56,9 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from saga import SagaClient, SagaState, SagaStatus, StepStatus, TransportError
+from deploy._proc import InfraError
+from deploy.tls import write_private
+from saga import SagaClient, SagaError, SagaState, SagaStatus, StepStatus, TransportError
 from saga.core.messages import (
     CompensationStarted,
     CompensationSucceeded,
@@ -59,13 +71,17 @@ from saga.core.messages import (
 from saga.core.replay import Replay
 from saga.runtime.ports import Record, Transport
 from saga.runtime.traceids import trace_id_for
-from services.fleet import Fleet
+from services.fleet import PARTICIPANTS, Fleet
 from services.orders import make_order, submit
+from services.secure import OPERATOR, LocalSecureBroker, SecureSetup
 
 __all__ = ["LogTail", "Scenario", "main", "plan_orders", "scenarios"]
 
 JAEGER_UI = os.environ.get("JAEGER_UI", "http://127.0.0.1:16686")
 """Where `make jaeger-up` serves the Jaeger UI (``$JAEGER_UI`` overrides it)."""
+
+SECURED_HOW = "make kafka-down && make kafka-up SECURE=1 && make demo SECURE=1"
+"""How to run the demo secured, as the unsigned run says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +165,8 @@ class LogTail:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reads the log from the start until cancelled."""
-        group = f"{self.prefix}.demo-watch-{uuid.uuid4().hex[:8]}"
+        # Under `<prefix>.view`: the groups a client may use on a secured broker.
+        group = f"{self.prefix}.view.demo-watch-{uuid.uuid4().hex[:8]}"
         async with self.transport.consumer(group, [f"{self.prefix}.log"]) as consumer:
             task_status.started()
             while True:
@@ -185,7 +202,7 @@ class Run:
 
 async def _drive(run: Run) -> bool:
     fleet = run.fleet
-    async with SagaClient(_transport(run.args.bootstrap_servers), prefix=fleet.prefix) as client:
+    async with fleet.client() as client:
         print("waiting for the coordinator and the services (a canary order goes through) ...")
         ready = await fleet.wait_ready(client, timeout=run.args.ready_timeout)
         print(f"all six processes serving; the canary order took {ready:.1f}s end to end\n")
@@ -396,6 +413,7 @@ def _summary(run: Run) -> None:
 def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
     prefix, bootstrap = run.fleet.prefix, run.args.bootstrap_servers
     common = f"--prefix {prefix} --bootstrap-servers {bootstrap}"
+    secure = run.fleet.secure
     stuck = [i for i, s in states.items() if s.status is SagaStatus.STUCK]
     compensated = [i for i, s in states.items() if s.status is SagaStatus.COMPENSATED]
     example = (stuck or compensated or list(states) or ["<saga id>"])[0]
@@ -404,6 +422,9 @@ def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
     print(f"  traces:  {ui}  (service 'saga-coordinator'; one trace per saga)")
     if example != "<saga id>":
         print(f"           {ui}/trace/{trace_id_for(example):032x}  ({example})")
+    if secure is not None:
+        env_file = secure.directory / f"{OPERATOR}.env"
+        print(f"  as the operator, first:  set -a; . {env_file}; set +a")
     print(f"  replay:  python -m saga replay {example} {common}")
     print(f"  list:    python -m saga list {common}")
     for saga_id in stuck:
@@ -414,10 +435,25 @@ def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
 # -- plumbing ---------------------------------------------------------------------------------
 
 
-def _transport(bootstrap: str) -> Transport:
-    from saga.adapters.kafka import KafkaTransport
+def _secure_setup(bootstrap: str, prefix: str) -> SecureSetup:
+    """Keys (made on the first run), policy and ACLs for ``prefix`` on the secured broker."""
+    from deploy.kafka_secure import secure_dir
+    from services.app import sagas
 
-    return KafkaTransport(bootstrap)
+    broker = LocalSecureBroker(bootstrap_servers=bootstrap)
+    if not broker.ca_file.is_file():
+        raise OSError(
+            f"no CA in {broker.ca_file}: the secured broker has never run; start it with "
+            "`make kafka-up SECURE=1`"
+        )
+    directory = secure_dir() / "demo"
+    setup = SecureSetup.create(
+        broker, prefix, PARTICIPANTS, directory, sagas=[d.name for d in sagas]
+    )
+    # For the `saga` commands the summary suggests: the operator's broker and trust settings.
+    text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in setup.env(OPERATOR).items())
+    write_private(directory / f"{OPERATOR}.env", text.encode())
+    return setup
 
 
 def _otlp_reachable() -> bool:
@@ -456,6 +492,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ready-timeout", type=float, default=90.0, help="seconds to wait for the processes"
     )
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        default=os.environ.get("SAGA_DEMO_SECURE", "") not in ("", "0"),
+        help="run on the secured broker of `make kafka-up SECURE=1`, signed, with the policy "
+        "enforced and payloads sealed (default: $SAGA_DEMO_SECURE)",
+    )
     return parser
 
 
@@ -466,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiokafka warns about every produce retry while new topics elect their leaders: noise
     # here, since the sends succeed a moment later.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # Its fetcher logs, at ERROR, every offset lookup that meets a partition of the new topics
+    # still electing its leader; the lookup is retried and succeeds.
+    logging.getLogger("aiokafka.consumer.fetcher").setLevel(logging.CRITICAL)
     if args.count < 1:
         _parser().error("--count must be at least 1")
     prefix = args.prefix or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -486,7 +532,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  data and logs in {data_dir}; step timeout {step_timeout:g}s")
     if not traced:
         print("  (no OTLP collector answers: traces are off; `make jaeger-up` to see them)")
-    fleet = Fleet(bootstrap=args.bootstrap_servers, prefix=prefix, data_dir=data_dir, env=env)
+    secure: SecureSetup | None = None
+    if args.secure:
+        try:
+            secure = _secure_setup(args.bootstrap_servers, prefix)
+        except (InfraError, OSError, KeyError, SagaError) as exc:
+            print(f"\ndemo failed: the secured broker: {exc}", file=sys.stderr)
+            print(f"  run it with: {SECURED_HOW}", file=sys.stderr)
+            return 1
+        sealing = "payloads sealed" if secure.payload_keys else "payloads in clear"
+        print(
+            f"  secured: SASL_SSL + SCRAM + ACLs, each process signs as its principal, "
+            f"policy enforced, {sealing}; keys in {secure.directory}"
+        )
+    else:
+        print(
+            f"  unsigned, on a plain broker (local development); run it secured with: {SECURED_HOW}"
+        )
+    fleet = Fleet(
+        bootstrap=args.bootstrap_servers, prefix=prefix, data_dir=data_dir, env=env, secure=secure
+    )
     run = Run(args, fleet, step_timeout, plan)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     ended = False

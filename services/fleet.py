@@ -11,6 +11,12 @@ period; it runs on exit from the ``with`` block whatever the reason.
 
 `wait_ready` sends a canary order through the whole saga: when it completes, the coordinator and
 every service on the happy path are members of their consumer groups and serving.
+
+Without a `services.secure.SecureSetup` the processes run unsigned (``SAGA_UNSIGNED=1``, which
+the ``saga`` command requires to be explicit) on a plain broker. With one, each process
+connects and signs as its own principal (the coordinator as ``coordinator``, each service as
+itself), payloads are sealed if the setup seals them, and `Fleet.client` gives a client that
+signs as ``client``.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ import anyio
 
 from deploy._proc import Child, stop_all
 from saga import Coordinator, SagaClient, SagaStatus, SagaTimeout, TransportError
+from saga.adapters.kafka import KafkaTransport
 from services.app import sagas
 from services.orders import make_order, submit
+from services.secure import CLIENT, TRUST_ENV, SecureSetup
+from services.secure import COORDINATOR as COORDINATOR_PRINCIPAL
 
 __all__ = ["COORDINATOR", "PARTICIPANTS", "Fleet", "ManagedProcess", "ProcessExited"]
 
@@ -83,6 +92,8 @@ class Fleet:
             ``OTEL_*``...).
         supervise: Restart processes that exit while the fleet is up.
         grace: Seconds `stop` waits after SIGTERM before it kills.
+        secure: The secured deployment to run as (its prefix must be ``prefix``); None runs
+            unsigned on a plain broker.
     """
 
     def __init__(
@@ -95,7 +106,10 @@ class Fleet:
         env: Mapping[str, str] | None = None,
         supervise: bool = True,
         grace: float = 10.0,
+        secure: SecureSetup | None = None,
     ) -> None:
+        if secure is not None and secure.prefix != prefix:
+            raise ValueError(f"the secure setup is for prefix {secure.prefix!r}, not {prefix!r}")
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.data_dir = data_dir
@@ -103,6 +117,7 @@ class Fleet:
         self.extra_env = dict(env or {})
         self.supervise = supervise
         self.grace = grace
+        self.secure = secure
         self.processes: dict[str, ManagedProcess] = {}
         self.ready_after: float | None = None
         """Seconds the canary order took, once `wait_ready` succeeded."""
@@ -175,6 +190,14 @@ class Fleet:
             }
         )
         env.update(self.extra_env)
+        for variable in TRUST_ENV:
+            # Only the setup decides: a stray SAGA_UNSIGNED=1 beside keys is refused.
+            env.pop(variable, None)
+        if self.secure is None:
+            # Unsigned operation must be explicit: the saga command refuses to guess it.
+            env["SAGA_UNSIGNED"] = "1"
+        else:
+            env.update(self.secure.env(COORDINATOR_PRINCIPAL if name == COORDINATOR else name))
         # The services must import from this checkout, wherever the caller runs from.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
         return env
@@ -215,15 +238,30 @@ class Fleet:
 
     # -- readiness ---------------------------------------------------------------------------
 
+    def client(self, *, deadline: float = 20.0) -> SagaClient:
+        """A client on the fleet's prefix: signing as ``client`` on the setup's secured
+        transport, or unsigned on the plain broker.
+
+        Args:
+            deadline: The transport's deadline.
+        """
+        if self.secure is not None:
+            return self.secure.client(CLIENT, deadline=deadline)
+        return SagaClient(KafkaTransport(self.bootstrap, deadline=deadline), prefix=self.prefix)
+
     async def ensure_topics(self, client: SagaClient) -> None:
         """Creates the saga topics as the coordinator does, if they are missing.
 
         Called before anything is sent or read: on a broker that auto-creates topics, a
         client's first request (or a status read) would otherwise create the requests or
         snapshots topic with the broker's default of one partition, and the coordinator would
-        then refuse to run (its inputs and log must have equal partition counts).
+        then refuse to run (its inputs and log must have equal partition counts). On a secured
+        broker only the coordinator's principal may create them, so they are created as it.
         """
-        await Coordinator(sagas, transport=client.transport, prefix=self.prefix).ensure_topics()
+        transport = client.transport
+        if self.secure is not None:
+            transport = self.secure.transport(COORDINATOR_PRINCIPAL)
+        await Coordinator(sagas, transport=transport, prefix=self.prefix).ensure_topics()
 
     async def wait_ready(self, client: SagaClient, timeout: float = 90.0) -> float:
         """Sends canary orders until one completes; returns the seconds it took.

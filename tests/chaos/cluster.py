@@ -9,6 +9,11 @@ cause (neither a kill nor a participant's planned crash, `tests.chaos.app.CRASH_
 recorded in `Cluster.unexpected_exits` with the end of the process's log, for the test to fail
 on. Leaving the ``with`` block stops every process whatever happened; an ``atexit`` hook kills
 what a crashed test run left behind.
+
+Without a `services.secure.SecureSetup` the processes run unsigned (``SAGA_UNSIGNED=1``, as the
+``saga`` command requires to be told). With one, every coordinator connects and signs as
+``coordinator`` and every participant as its service; `Cluster.transport` and `Cluster.client`
+give the test matching readers and clients.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ import orjson
 import pytest
 
 from deploy._proc import Child, stop_all
+from deploy.kafka_secure import ADMIN
 from saga import SagaClient, SagaState, TransportError
 from saga.adapters.kafka import KafkaTransport
-from saga.runtime.ports import Topics
+from saga.runtime.ports import Topics, Transport
+from services.secure import CLIENT, COORDINATOR, TRUST_ENV, SecureSetup
 from tests.chaos.app import CRASH_EXIT, SERVICES, Ledger
 
 __all__ = [
@@ -215,6 +222,7 @@ class Cluster:
         partitions: Partitions of the engine's topics.
         step_timeout: ``CHAOS_STEP_TIMEOUT`` of the processes.
         env: More environment for every process.
+        secure: The secured deployment of ``prefix`` to run as; None runs unsigned.
     """
 
     def __init__(
@@ -226,8 +234,12 @@ class Cluster:
         partitions: int = 4,
         step_timeout: float = 5.0,
         env: Mapping[str, str] | None = None,
+        secure: SecureSetup | None = None,
     ) -> None:
+        if secure is not None and secure.prefix != prefix:
+            raise ValueError(f"the secure setup is for prefix {secure.prefix!r}, not {prefix!r}")
         self.bootstrap = bootstrap
+        self.secure = secure
         self.prefix = prefix
         self.workdir = workdir
         self.partitions = partitions
@@ -264,7 +276,7 @@ class Cluster:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def _env(self, name: str) -> dict[str, str]:
+    def _env(self, name: str, principal: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -278,18 +290,38 @@ class Cluster:
             }
         )
         env.update(self.extra_env)
+        for variable in TRUST_ENV:
+            env.pop(variable, None)  # only the setup decides how a process is trusted
+        if self.secure is None:
+            env["SAGA_UNSIGNED"] = "1"
+        else:
+            env.update(self.secure.env(principal))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
-    def _spawn(self, name: str, role: str, app: str, restart: bool, extra: list[str]) -> Proc:
+    def transport(self, principal: str = ADMIN, *, deadline: float = 15.0) -> Transport:
+        """A transport for the test's own readers and writers: as ``principal`` (``admin``,
+        who reads everything, by default) on the secured broker, else a plain one."""
+        if self.secure is None:
+            return KafkaTransport(self.bootstrap, deadline=deadline)
+        return self.secure.transport(principal, deadline=deadline)
+
+    def client(self, *, deadline: float = 15.0) -> SagaClient:
+        """A client on the prefix: signing as ``client`` when secured, else unsigned."""
+        if self.secure is None:
+            return SagaClient(self.transport(deadline=deadline), prefix=self.prefix)
+        return self.secure.client(CLIENT, deadline=deadline)
+
+    def _spawn(
+        self, name: str, role: str, app: str, restart: bool, extra: list[str], principal: str
+    ) -> Proc:
         if name in self.procs:
             raise ValueError(f"a process called {name!r} exists already")
         argv = [sys.executable, "-m", "saga", role, "--app", app, *extra]
         argv += ["--prefix", self.prefix, "--bootstrap-servers", self.bootstrap]
         argv += ["--log-level", "info"]
-        proc = Proc(
-            name, role, argv, self._env(name), self.workdir / "logs" / f"{name}.log", restart
-        )
+        env = self._env(name, principal)
+        proc = Proc(name, role, argv, env, self.workdir / "logs" / f"{name}.log", restart)
         self.procs[name] = proc
         proc.start()
         return proc
@@ -297,12 +329,12 @@ class Cluster:
     def coordinator(self, name: str = "coordinator-1") -> Proc:
         """Starts a coordinator process (not restarted when it exits)."""
         extra = ["--partitions", str(self.partitions)]
-        return self._spawn(name, "coordinator", "tests.chaos.app:sagas", False, extra)
+        return self._spawn(name, "coordinator", "tests.chaos.app:sagas", False, extra, COORDINATOR)
 
     def participant(self, service: str, name: str | None = None) -> Proc:
         """Starts a participant process of ``service`` (restarted whenever it exits)."""
         app = f"tests.chaos.app:{service}"
-        return self._spawn(name or service, "participant", app, True, [])
+        return self._spawn(name or service, "participant", app, True, [], service)
 
     def participants(self) -> list[Proc]:
         """Starts one participant per service."""
@@ -374,7 +406,7 @@ class Cluster:
         )
 
 
-async def ensure_topics(transport: KafkaTransport, prefix: str, partitions: int) -> None:
+async def ensure_topics(transport: Transport, prefix: str, partitions: int) -> None:
     """Creates the engine's and the services' topics before any process or client uses them."""
     t = Topics(prefix)
     names = [t.requests, t.replies, t.log, t.dlq, t.alerts] + [t.commands(s) for s in SERVICES]
