@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.conn import create_conn
+from aiokafka.conn import AIOKafkaConnection
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -152,22 +152,24 @@ class KafkaTransport:
         """Connects to one broker by hand and asks for metadata: ``None`` if that worked, else
         the cause named (aiokafka's own bootstrap only logs it)."""
         authenticated = False
+        # Built here rather than with aiokafka's create_conn, which does not close what it
+        # opened when connecting fails or is cancelled (by the deadline): the socket leaked.
+        conn = AIOKafkaConnection(
+            host,
+            port,
+            client_id=f"{self.client_id}-check",
+            request_timeout_ms=int(self.deadline * 1000),
+            **self._options,
+        )
         try:
             with anyio.fail_after(self.deadline):
-                conn = await create_conn(
-                    host,
-                    port,
-                    client_id=f"{self.client_id}-check",
-                    request_timeout_ms=int(self.deadline * 1000),
-                    **self._options,
-                )
+                await conn.connect()
                 authenticated = True
-                try:
-                    await conn.send(MetadataRequest([]))
-                finally:
-                    conn.close()
+                await conn.send(MetadataRequest([]))
         except Exception as exc:
             return self._explain(exc, host, port, authenticated=authenticated)
+        finally:
+            conn.close()
         return None
 
     def _explain(

@@ -419,7 +419,7 @@ def make_participant(
     participant = Participant(service, store=store or _store(service), limits=limits)
     for definition in sagas:
         for step in definition.steps:
-            if step.service != service:
+            if step.service != service or step.action is None:
                 continue
             participant.handler(step.action)(functools.partial(_run, service))
             if step.compensation is not None:

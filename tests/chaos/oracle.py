@@ -115,7 +115,7 @@ def seq_problems(scan: LogScan, started: Iterable[str] = ()) -> list[str]:
         if seqs != list(range(1, len(seqs) + 1)):
             problems.append(f"saga {saga_id}: event seqs {seqs} are not 1..{len(seqs)}")
         if not isinstance(events[0], SagaStarted):
-            problems.append(f"saga {saga_id}: first event is {events[0].type}")  # type: ignore[attr-defined]
+            problems.append(f"saga {saga_id}: first event is {events[0].type}")
     return problems
 
 

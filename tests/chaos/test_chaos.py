@@ -28,7 +28,8 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,8 +38,7 @@ import anyio
 import pytest
 
 from deploy.kafka import KafkaServer, start_kafka
-from saga import SagaClient
-from saga.adapters.kafka import KafkaTransport
+from services.secure import SecureSetup
 from tests.chaos.cluster import (
     TOLERATE_LEAKED_KAFKA_CLIENTS,
     Cluster,
@@ -187,46 +187,78 @@ def _recovery_times(cluster: Cluster, kills: list[float]) -> list[float]:
 
 REPLAY = f"replay with: CHAOS_SEED={SEED} CHAOS_SAGAS={SAGAS} make chaos"
 
+Check = Callable[[Cluster], Awaitable[None]]
+"""More assertions on a finished run, made while its cluster (and broker) is still up."""
+
 
 @pytest.mark.timeout(max(300, 120 + SAGAS * 3))
 @pytest.mark.anyio
 async def test_chaos(
     chaos_kafka: KafkaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    await _chaos_run(chaos_kafka, tmp_path, capsys)
+
+
+@contextmanager
+def _replay_on_failure(
+    capsys: pytest.CaptureFixture[str], label: str, replay: str
+) -> Iterator[None]:
+    """Tells how to replay a failed run, even when the output is captured."""
     try:
-        await _chaos_run(chaos_kafka, tmp_path, capsys)
+        yield
     except BaseException:
         with capsys.disabled():
-            print(f"\nchaos run failed (seed {SEED}); {REPLAY}")
+            print(f"\n{label} run failed (seed {SEED}); {replay}")
         raise
 
 
 async def _chaos_run(
-    chaos_kafka: KafkaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    kafka: KafkaServer,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    *,
+    sagas: int = SAGAS,
+    deadline: float = DEADLINE,
+    label: str = "chaos",
+    replay: str = REPLAY,
+    secure: SecureSetup | None = None,
+    check: Check | None = None,
 ) -> None:
+    """The chaos run on ``kafka``: ``sagas`` sagas under at least every fault kind once, each
+    saga to end within ``deadline`` seconds of the last fault, then the oracle's verdict.
+
+    With ``secure`` the processes, the client and the oracle (as ``admin``) run as that
+    deployment, on its prefix; without, unsigned on a fresh one. ``check`` makes a caller's own
+    assertions after the common ones, before the cluster stops. ``label`` names the run in its
+    summary, and ``replay`` tells how to run it again when it fails.
+    """
     rng = random.Random(SEED)
-    replay = REPLAY
-    prefix = f"chaos-{SEED}-{uuid.uuid4().hex[:6]}"
-    transport = KafkaTransport(chaos_kafka.bootstrap_servers, deadline=15)
-    await ensure_topics(transport, prefix, PARTITIONS)
+    prefix = secure.prefix if secure is not None else f"chaos-{SEED}-{uuid.uuid4().hex[:6]}"
     started_at = time.monotonic()
-    with Cluster(chaos_kafka.bootstrap_servers, prefix, tmp_path, partitions=PARTITIONS) as cluster:
+    with (
+        _replay_on_failure(capsys, label, replay),
+        Cluster(
+            kafka.bootstrap_servers, prefix, workdir, partitions=PARTITIONS, secure=secure
+        ) as cluster,
+    ):
+        transport = cluster.transport()  # as admin when secured: the oracle reads everything
+        await ensure_topics(transport, prefix, PARTITIONS)
         cluster.coordinator("coordinator-1")
         cluster.coordinator("coordinator-2")
         cluster.participants()
-        async with SagaClient(transport, prefix=prefix) as client:
+        async with cluster.client() as client:
             await canary(client)
             work = Workload(client, rng)
-            injector = Injector(cluster, chaos_kafka, random.Random(rng.random()))
+            injector = Injector(cluster, kafka, random.Random(rng.random()))
             done = anyio.Event()
-            count = max(len(KINDS), SAGAS // 8)
+            count = max(len(KINDS), sagas // 8)
 
             def plan(r: random.Random) -> dict[str, dict[str, object]]:
                 return random_plan(r, business=0.25, tech=0.3, crash=0.03, sleep=0.3)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(injector.run, count, done)
-                await work.start_many(SAGAS, 0.5, plan)
+                await work.start_many(sagas, 0.5, plan)
                 await done.wait()
 
             # The planned participant crashes are faults too, and go on as long as sagas run.
@@ -240,7 +272,7 @@ async def _chaos_run(
                 )
                 if all(s.is_final for s in states.values()) and len(states) == len(work.started):
                     break
-                if time.time() > last_fault() + DEADLINE:
+                if time.time() > last_fault() + deadline:
                     break
             ended_after = time.time() - last_fault()
         verdict = await verify(transport, prefix, cluster.ledger, work.started)
@@ -253,7 +285,7 @@ async def _chaos_run(
         faults["participant_crash"] = len(cluster.ledger.crashes())
         recovery = _recovery_times(cluster, injector.coordinator_kills)
         summary = (
-            f"chaos seed={SEED}: {len(work.started)} sagas run; faults injected: "
+            f"{label} seed={SEED}: {len(work.started)} sagas run; faults injected: "
             + ", ".join(f"{k}={v}" for k, v in sorted(faults.items()))
             + f"; planned failures: business={planned['business']}, "
             f"technical={planned['technical']}; sagas final: {verdict.final_percent:.1f}% "
@@ -268,8 +300,11 @@ async def _chaos_run(
         cluster.check()
         not_final = [s for s in work.started if s not in states or not states[s].is_final]
         assert not not_final, (
-            f"{len(not_final)} sagas did not end within {DEADLINE:.0f}s of the last fault "
+            f"{len(not_final)} sagas did not end within {deadline:.0f}s of the last fault "
             f"({replay})\n{summary}\n{cluster.logs()}"
         )
         assert not verdict.problems, f"{replay}\n{summary}\n{verdict.report()}"
         assert verdict.final_percent == 100.0, f"{replay}\n{summary}"
+        assert set(faults) >= set(KINDS), summary
+        if check is not None:
+            await check(cluster)
