@@ -41,8 +41,9 @@ from saga.core.codec import ENGINE_LIMITS, decode
 from saga.core.decide import next_due
 from saga.core.definition import SagaDefinition
 from saga.core.messages import Alert, EventBase, event_adapter
-from saga.core.state import SagaState
+from saga.core.state import SagaState, StepStatus
 from saga.errors import SagaTimeout, StepFailed
+from saga.runtime.client import SagaClient
 from saga.runtime.coordinator import Coordinator
 from saga.runtime.observe import Observer
 from saga.runtime.participant import (
@@ -307,9 +308,46 @@ class SagaHarness:
         ``run_until_done(after=)``."""
         return await self.coordinator.resolve(saga_id, note)
 
+    async def signal(
+        self, saga_id: str, name: str, data: Mapping[str, Any] | None = None, *, by: str = "tester"
+    ) -> int:
+        """Delivers the signal ``name`` to the saga, sent as ``by``; returns its ``seq``."""
+        async with self._client(by) as client:
+            return await client.signal(saga_id, name, data)
+
+    async def approve(self, saga_id: str, step: str, note: str = "", *, by: str = "tester") -> int:
+        """Approves ``step`` as ``by`` (which must be one of its approvers, if it names any);
+        returns the saga's ``seq``."""
+        async with self._client(by) as client:
+            return await client.approve(saga_id, step, note)
+
+    async def reject(self, saga_id: str, step: str, note: str = "", *, by: str = "tester") -> int:
+        """Rejects ``step`` as ``by``; returns the saga's ``seq``."""
+        async with self._client(by) as client:
+            return await client.reject(saga_id, step, note)
+
+    def _client(self, actor: str) -> SagaClient:
+        return SagaClient(self.transport, partitions=self.partitions, clock=self.clock, actor=actor)
+
     async def status(self, saga_id: str) -> SagaState | None:
         """The saga's current state."""
         return await self.coordinator.status(saga_id)
+
+    async def run_until_waiting(
+        self, saga_id: str, step: str, *, max_virtual_seconds: float = 86_400
+    ) -> SagaState:
+        """Runs until ``step`` is running (a ``wait`` step waiting for its signal, an
+        ``approval`` step for a decision), advancing virtual time as `run_until_done` does.
+
+        Raises:
+            SagaTimeout: The saga ended, or nothing more is due, before the step ran.
+        """
+        return await self.run_until(
+            saga_id,
+            lambda s: s.steps.get(step) is not None and s.steps[step].status is StepStatus.RUNNING,
+            f"step {step!r} running",
+            max_virtual_seconds=max_virtual_seconds,
+        )
 
     async def run_until_done(
         self, saga_id: str, *, after: int = 0, max_virtual_seconds: float = 86_400
@@ -327,11 +365,33 @@ class SagaHarness:
             SagaTimeout: It did not end within ``max_virtual_seconds`` of virtual time, or it
                 waits for something that never comes (no handler, no timer).
         """
+        return await self.run_until(
+            saga_id,
+            lambda s: s.is_final and s.seq > after,
+            f"past seq {after}",
+            max_virtual_seconds=max_virtual_seconds,
+        )
+
+    async def run_until(
+        self,
+        saga_id: str,
+        until: Callable[[SagaState], bool],
+        what: str = "the condition",
+        *,
+        max_virtual_seconds: float = 86_400,
+    ) -> SagaState:
+        """Runs until the saga's state satisfies ``until``, advancing virtual time to the next
+        timer whenever nothing else happens.
+
+        Raises:
+            SagaTimeout: ``until`` did not hold within ``max_virtual_seconds`` of virtual time,
+                or nothing more is due (no handler at work, no timer).
+        """
         limit = self.clock.now() + max_virtual_seconds
         idle_rounds = 0
         while True:
             state = await self.coordinator.status(saga_id)
-            if state is not None and state.is_final and state.seq > after:
+            if state is not None and until(state):
                 return state
             before = self._written()
             await self.broker.wait_for_change(0.02)
@@ -346,9 +406,11 @@ class SagaHarness:
             due = next_due(state) if state is not None and not state.is_final else None
             if due is None or due > limit:
                 where = state.status.value if state else "not started"
-                if state is not None and state.is_final:
-                    where += f" at seq {state.seq}, not past {after}"
-                raise SagaTimeout(f"saga {saga_id!r} is {where} and nothing more is due")
+                if state is not None:
+                    where += f" at seq {state.seq}"
+                raise SagaTimeout(
+                    f"saga {saga_id!r} is {where}, not {what}, and nothing more is due"
+                )
             self.clock.advance(max(0.0, due - self.clock.now()) + 0.001)
             idle_rounds = 0
 

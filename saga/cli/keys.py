@@ -232,7 +232,7 @@ def _check_policy(args: argparse.Namespace) -> int:
         if args.app:
             found = definitions(args.app)
             saga_names = {d.name for d in found}
-            services = {s.service for d in found for s in d.steps}
+            services = {s for d in found for s in d.services}
         check_policy(
             policy, known_principals=ring.principals(), saga_names=saga_names, services=services
         )

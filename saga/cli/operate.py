@@ -1,6 +1,7 @@
-"""``saga cancel``, ``saga retry`` and ``saga resolve``: an operator's requests about one saga.
+"""``saga cancel``, ``retry``, ``resolve``, ``signal``, ``approve`` and ``reject``: the
+requests people make about one saga.
 
-The three differ only in the request sent, so one command serves them, parametrised by an
+They differ only in the request sent, so one command serves them, parametrised by an
 `Operation`. With ``--wait SECONDS`` it then waits for what the request leads to: the first
 final state after the saga's ``seq`` when asked (`SagaClient.wait` with ``after=``), so that a
 saga stuck when retried is not taken for the end of its re-driven run. It prints that state
@@ -15,7 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from saga.cli.common import client, out, show_final, wait_final
+import orjson
+
+from saga.cli.common import CliError, client, out, show_final, wait_final
 from saga.core.state import SagaStatus
 
 if TYPE_CHECKING:
@@ -23,44 +26,81 @@ if TYPE_CHECKING:
 
 __all__ = ["OPERATIONS", "Operation", "add_commands"]
 
+_ENDS = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED})
+_WHY = "(recorded in the saga's log with who asked; `saga replay` shows it)"
+
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    """One of the operator's requests."""
+    """One of the requests about a saga."""
 
     name: str
     """The command, and the ``requested`` field of its JSON output."""
     help: str
-    send: Callable[[SagaClient, str, str | None], Awaitable[int]]
-    """Sends the request for a saga id, with the operator's reason or note; returns the
-    saga's ``seq`` when asked."""
+    send: Callable[[SagaClient, argparse.Namespace], Awaitable[int]]
+    """Sends the request with the parsed arguments; returns the saga's ``seq`` when asked."""
     ends_well: frozenset[SagaStatus]
     """The final statuses that mean the request got what it asked for."""
-    why: str
-    """The option that carries the operator's words: ``--reason`` or ``--note``."""
+    arguments: tuple[tuple[str, str, str], ...]
+    """Its own arguments after the saga id: (name or option, metavar, help)."""
+
+
+def _data(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        value = orjson.loads(args.data) if args.data else {}
+    except orjson.JSONDecodeError as exc:
+        example = """'{"eta": 12}'"""
+        raise CliError(f"--data: not JSON ({exc}); pass an object, e.g. {example}") from None
+    if not isinstance(value, dict):
+        raise CliError("""--data: the signal's data must be a JSON object, e.g. '{"eta": 12}'""")
+    return value
 
 
 OPERATIONS = (
     Operation(
         "cancel",
         "cancel a saga (until its pivot starts)",
-        lambda c, saga_id, why: c.cancel(saga_id, why or "cancelled by request"),
+        lambda c, a: c.cancel(a.saga_id, a.reason or "cancelled by request"),
         frozenset({SagaStatus.COMPENSATED}),
-        "--reason",
+        (("--reason", "TEXT", f"why {_WHY}"),),
     ),
     Operation(
         "retry",
         "re-drive a stuck saga",
-        lambda c, saga_id, why: c.retry(saga_id, why),
-        frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED}),
-        "--reason",
+        lambda c, a: c.retry(a.saga_id, a.reason),
+        _ENDS,
+        (("--reason", "TEXT", f"why {_WHY}"),),
     ),
     Operation(
         "resolve",
         "declare a stuck saga's stuck steps handled by hand",
-        lambda c, saga_id, why: c.resolve(saga_id, why or "resolved by an operator"),
-        frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED}),
-        "--note",
+        lambda c, a: c.resolve(a.saga_id, a.note or "resolved by an operator"),
+        _ENDS,
+        (("--note", "TEXT", f"what was done by hand {_WHY}"),),
+    ),
+    Operation(
+        "signal",
+        "deliver a named signal to a saga (its wait step completes with the data)",
+        lambda c, a: c.signal(a.saga_id, a.name, _data(a)),
+        _ENDS,
+        (
+            ("name", "NAME", "the signal's name (a wait step's `wait`)"),
+            ("--data", "JSON", "the signal's data, a JSON object (the wait step's output)"),
+        ),
+    ),
+    Operation(
+        "approve",
+        "approve a saga's approval step",
+        lambda c, a: c.approve(a.saga_id, a.step, a.note or ""),
+        _ENDS,
+        (("step", "STEP", "the approval step"), ("--note", "TEXT", f"a note {_WHY}")),
+    ),
+    Operation(
+        "reject",
+        "reject a saga's approval step (the saga compensates)",
+        lambda c, a: c.reject(a.saga_id, a.step, a.note or ""),
+        frozenset({SagaStatus.COMPENSATED}),
+        (("step", "STEP", "the approval step"), ("--note", "TEXT", f"why {_WHY}")),
     ),
 )
 """The commands, in the order ``saga --help`` lists them."""
@@ -71,12 +111,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     for op in OPERATIONS:
         p = sub.add_parser(op.name, parents=[common], help=op.help)
         p.add_argument("saga_id")
-        p.add_argument(
-            op.why,
-            dest="why",
-            metavar="TEXT",
-            help="why (recorded in the saga's log with who asked; `saga replay` shows it)",
-        )
+        for name, metavar, help_ in op.arguments:
+            p.add_argument(name, metavar=metavar, help=help_)
         p.add_argument(
             "--wait",
             type=float,
@@ -89,7 +125,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 async def _request(args: argparse.Namespace) -> int:
     op: Operation = args.operation
     async with client(args) as c:
-        seq = await op.send(c, args.saga_id, args.why)
+        seq = await op.send(c, args)
         if args.wait is None:
             data = {"saga_id": args.saga_id, "requested": op.name}
             out(args, data, f"{op.name} requested for {args.saga_id}")

@@ -7,6 +7,7 @@ reference, resolved when the step starts. Everything else is a literal.
     ``$.input.order.total``        a path into it (dict keys, or list indexes as digits)
     ``$.steps.payment.output.id``  a path into the output of step ``payment``
     ``$.saga_id``                  the saga's id
+    ``$.item.dish``                inside a ``for_each`` step: the item it runs for
 
 A template of ``None`` (the default) passes the saga input unchanged. References are checked
 when the definition loads (`references`), so a typo fails early, and resolved purely here.
@@ -49,21 +50,40 @@ def references(template: Any) -> list[tuple[str, str]]:
     return found
 
 
+_NO_ITEM: Any = object()
+
+
 def render(
     template: Any,
     *,
     saga_id: str,
     saga_input: Mapping[str, Any],
     outputs: Mapping[str, Any],
+    item: Any = _NO_ITEM,
 ) -> Any:
-    """Resolves every reference in ``template``.
+    """Resolves every reference in ``template`` (``$.item`` only when ``item`` is given: the
+    item a ``for_each`` step runs for).
 
     Raises:
         ResolveError: A path does not exist in the data (the message names the path).
     """
     if template is None:
         return dict(saga_input)
-    return _render(template, saga_id, saga_input, outputs)
+    return _render(template, _Data(saga_id, saga_input, outputs, item))
+
+
+class _Data:
+    """What a template is resolved against."""
+
+    __slots__ = ("item", "outputs", "saga_id", "saga_input")
+
+    def __init__(
+        self, saga_id: str, saga_input: Mapping[str, Any], outputs: Mapping[str, Any], item: Any
+    ) -> None:
+        self.saga_id = saga_id
+        self.saga_input = saga_input
+        self.outputs = outputs
+        self.item = item
 
 
 def render_with(template: Any, roots: Mapping[str, Any]) -> Any:
@@ -101,40 +121,38 @@ def _walk(ref: str, value: Any, path: list[str]) -> Any:
     for key in path:
         if isinstance(value, Mapping) and key in value:
             value = value[key]
-        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+        elif isinstance(value, list) and key.isascii() and key.isdigit() and int(key) < len(value):
             value = value[int(key)]
         else:
             raise ResolveError(f"{ref}: no {key!r} in the data")
     return value
 
 
-def _render(
-    template: Any, saga_id: str, saga_input: Mapping[str, Any], outputs: Mapping[str, Any]
-) -> Any:
+def _render(template: Any, data: _Data) -> Any:
     # Inside a template, None is a literal null (only a missing template means "the input").
     if isinstance(template, str) and template.startswith(_PREFIX):
-        return _lookup(template, saga_id, saga_input, outputs)
+        return _lookup(template, data)
     if isinstance(template, Mapping):
-        return {k: _render(v, saga_id, saga_input, outputs) for k, v in template.items()}
+        return {k: _render(v, data) for k, v in template.items()}
     if isinstance(template, list | tuple):
-        return [_render(v, saga_id, saga_input, outputs) for v in template]
+        return [_render(v, data) for v in template]
     return template
 
 
-def _lookup(
-    ref: str, saga_id: str, saga_input: Mapping[str, Any], outputs: Mapping[str, Any]
-) -> Any:
+def _lookup(ref: str, data: _Data) -> Any:
     parts = ref[len(_PREFIX) :].split(".")
     root = parts[0]
     if root == "saga_id" and len(parts) == 1:
-        return saga_id
+        return data.saga_id
+    if root == "item" and data.item is not _NO_ITEM:
+        return _walk(ref, data.item, parts[1:])
     if root == "input":
-        value: Any = saga_input
+        value: Any = data.saga_input
         path = parts[1:]
     elif root == "steps" and len(parts) >= 3 and parts[2] == "output":
-        if parts[1] not in outputs:
+        if parts[1] not in data.outputs:
             raise ResolveError(f"{ref}: step {parts[1]!r} has no output yet")
-        value = outputs[parts[1]]
+        value = data.outputs[parts[1]]
         path = parts[3:]
     else:
         raise ResolveError(

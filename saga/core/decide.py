@@ -57,13 +57,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from saga.core import schedule
+from saga.core import primitives, schedule
 from saga.core.definition import SagaDefinition
 from saga.core.messages import (
     Alert,
     CancelRejected,
     CancelSaga,
     Command,
+    DecideApproval,
     EventBase,
     Reply,
     Request,
@@ -72,12 +73,14 @@ from saga.core.messages import (
     RetrySaga,
     SagaRejected,
     SagaStuck,
+    SignalSaga,
     StartIgnored,
     StartRefused,
     StartSaga,
 )
 from saga.core.plan import Plan, idempotency_key
 from saga.core.state import SagaState, SagaStatus, evolve
+from saga.core.triggers import OutcomeRecord, outcome_records
 
 __all__ = [
     "Decision",
@@ -102,10 +105,12 @@ class Tick:
     at: float
 
 
-Input = StartSaga | CancelSaga | RetrySaga | ResolveSaga | Reply | Tick
+Input = (
+    StartSaga | CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval | Reply | Tick
+)
 """Everything that can make a saga move."""
 
-InputKind = Literal["start", "cancel", "retry", "resolve", "reply", "timer"]
+InputKind = Literal["start", "cancel", "retry", "resolve", "signal", "approval", "reply", "timer"]
 """What kind of input a decision answered (`input_kind`)."""
 
 
@@ -126,6 +131,8 @@ class Decision:
     events: tuple[EventBase, ...] = ()
     commands: tuple[Command, ...] = ()
     alerts: tuple[Alert, ...] = ()
+    outcomes: tuple[OutcomeRecord, ...] = ()
+    """The outcome events its saga publishes (it has just ended; `saga.core.triggers`)."""
     rejected: str | None = None
     """Why the input does not fit the saga: it belongs in the dead-letter topic."""
     ignored: str | None = None
@@ -178,18 +185,27 @@ def decide(
             return Decision(state, rejected=reason)
         return Decision(state, ignored=reason)
     schedule.advance(plan)
+    return _decided(plan)
+
+
+def _decided(plan: Plan) -> Decision:
+    """The plan's decision, with the outcome events its saga publishes if it just ended."""
+    outcomes = (
+        outcome_records(plan.d.outcomes, plan.state, plan.events) if plan.state is not None else []
+    )
     return Decision(
         state=plan.state,
         events=tuple(plan.events),
         commands=tuple(plan.commands),
         alerts=tuple(plan.alerts),
+        outcomes=tuple(outcomes),
     )
 
 
 def message_id(message: Input) -> str | None:
     """The message id of an operator request (cancel, retry, resolve), else ``None``: what
     `SagaState.requests` remembers, so that a request answered once is ignored after."""
-    if isinstance(message, CancelSaga | RetrySaga | ResolveSaga):
+    if isinstance(message, CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval):
         return message.message_id
     return None
 
@@ -249,7 +265,14 @@ def next_due(state: SagaState) -> float | None:
     Args:
         state: The saga's state.
     """
-    times = [t for s in state.steps.values() for t in (s.deadline_at, s.retry_at) if t is not None]
+    times = [
+        t
+        for s in state.steps.values()
+        for t in (s.deadline_at, s.retry_at, s.wake_at)
+        if t is not None
+    ]
+    if state.deadline_at is not None and state.status is SagaStatus.RUNNING:
+        times.append(state.deadline_at)
     return min(times) if times else None
 
 
@@ -306,6 +329,8 @@ def _after_rejection(state: SagaState, message: Input, now: float) -> Decision:
         )
     if isinstance(message, RetrySaga | ResolveSaga):
         return Decision(state, ignored=f"saga {state.saga_id!r} is rejected, not stuck")
+    if isinstance(message, SignalSaga | DecideApproval):
+        return Decision(state, rejected=f"saga {state.saga_id!r} was rejected: nothing waits")
     if isinstance(message, Reply):
         return Decision(
             state,
@@ -329,6 +354,10 @@ def _react(plan: Plan, message: Input) -> tuple[str, str] | None:
         return plan.on_cancel(message)
     if isinstance(message, ResolveSaga):
         return plan.on_resolve(message)
+    if isinstance(message, SignalSaga):
+        return primitives.on_signal(plan, message)
+    if isinstance(message, DecideApproval):
+        return primitives.on_approval(plan, message)
     return plan.on_retry(message)
 
 
@@ -346,4 +375,4 @@ def give_up(
     plan = Plan(definition, state, now)
     plan.emit(SagaStuck, reason=reason)
     schedule.raise_alert(plan)
-    return Decision(state=plan.state, events=tuple(plan.events), alerts=tuple(plan.alerts))
+    return _decided(plan)

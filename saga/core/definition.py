@@ -17,15 +17,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from saga.core.triggers import Outcome, Trigger
 from saga.errors import DefinitionError
 
 __all__ = [
+    "Approval",
     "Dependency",
     "DependencyType",
     "RetryPolicy",
     "SagaDefinition",
     "Step",
     "StepKind",
+    "item_name",
+    "split_item",
 ]
 
 
@@ -132,18 +136,89 @@ class RetryPolicy(BaseModel):
 
 _COMPENSATION_RETRY = RetryPolicy(max_attempts=5)
 
+_NAME = r"^[A-Za-z0-9_.-]+$"
+
+
+def item_name(step: str, index: int) -> str:
+    """The name of item ``index`` of ``for_each`` step ``step``: ``dishes[2]`` (step names
+    cannot hold brackets, so it never names a step of its own)."""
+    return f"{step}[{index}]"
+
+
+def split_item(name: str) -> tuple[str, int | None]:
+    """``("dishes", 2)`` for ``dishes[2]``; ``(name, None)`` for a step's own name."""
+    if name.endswith("]") and "[" in name:
+        base, _, rest = name[:-1].partition("[")
+        if rest.isascii() and rest.isdigit():
+            return base, int(rest)
+    return name, None
+
+
+class Approval(BaseModel):
+    """What an ``approval`` step asks: named people decide (`saga approve` / `saga reject`).
+
+    While it waits, a pending-approval alert goes out when it starts, a reminder after
+    ``remind_after`` seconds and an escalation (to ``escalate_to``) after ``escalate_after``;
+    the step's ``timeout`` is the final one, after which the request counts as rejected.
+    """
+
+    model_config = _FROZEN
+
+    approvers: tuple[str, ...] = ()
+    """The principals who may decide (besides what the authorization policy allows); empty:
+    whoever the policy lets ``approve`` the step."""
+    remind_after: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds after the request when the approvers are reminded."""
+    escalate_after: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds after the request when it is escalated to ``escalate_to``."""
+    escalate_to: tuple[str, ...] = ()
+    """Who is told at the escalation (and may then decide too)."""
+
+    @field_validator("approvers", "escalate_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    def may_decide(self, principal: str) -> bool:
+        """Whether ``principal`` is among the approvers (anyone, when none are named)."""
+        return not self.approvers or principal in self.approvers or principal in self.escalate_to
+
 
 class Step(BaseModel):
     """One step of a saga: a command to one service, with its compensation and policies."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=100, pattern=_NAME)
     """Unique within the saga."""
-    service: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
-    """The service whose participants run the step (its command topic is named after it)."""
-    action: str = Field(min_length=1)
+    service: str | None = Field(default=None, min_length=1, max_length=100, pattern=_NAME)
+    """The service whose participants run the step (its command topic is named after it);
+    only for steps that send a command (not ``wait`` or ``approval`` steps)."""
+    action: str | None = Field(default=None, min_length=1)
     """The command type the participant's handler is registered for."""
+    wait: str | None = Field(default=None, min_length=1, max_length=100, pattern=_NAME)
+    """A ``wait`` step: the name of the signal it waits for (`saga signal`); it completes when
+    the signal arrives, its output the signal's data, and fails at its ``timeout``."""
+    approval: Approval | None = None
+    """An ``approval`` step: who decides, and when they are reminded; a rejection (or the
+    final ``timeout``) is a business failure."""
+    when: str | None = None
+    """A condition over the saga's data (`saga.core.conditions`), checked when the step could
+    start: when it is false the step is skipped (finished for its dependants, never
+    compensated)."""
+    delay: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """Seconds to wait, once the step could start, before it starts (a durable timer)."""
+    start_at: str | None = None
+    """A reference to a time in the saga's data (``$.input.deliver_at``: seconds since the
+    epoch, or an ISO-8601 text; UTC when it names no zone): the step starts then (at once if
+    that has passed)."""
+    for_each: str | None = None
+    """Fan-out: a reference to a list in the saga's data (``$.input.dishes``). The step runs
+    once per item (its input template reads the item as ``$.item``), ``max_parallel`` at a
+    time, and its output is ``{"items": [each item's output, in order]}``. When the saga
+    compensates, exactly the items that took effect are compensated."""
+    max_parallel: int = Field(default=10, ge=1, le=1000)
+    """Most items of a ``for_each`` step in flight at once."""
     compensation: str | None = None
     """The command type that undoes the action; required for compensatable steps."""
     kind: StepKind = StepKind.COMPENSATABLE
@@ -163,6 +238,21 @@ class Step(BaseModel):
     """Optional pydantic model the built input must satisfy (Python definitions only)."""
     output_model: type[BaseModel] | None = Field(default=None, exclude=True)
     """Optional pydantic model the step's output must satisfy (Python definitions only)."""
+
+    @property
+    def kind_of_work(self) -> str:
+        """``command``, ``wait`` or ``approval``: what the step does when it runs."""
+        if self.wait is not None:
+            return "wait"
+        if self.approval is not None:
+            return "approval"
+        return "command"
+
+    @property
+    def has_effect(self) -> bool:
+        """Whether running the step changes something a compensation must undo (a command);
+        waiting for a signal or a decision changes nothing."""
+        return self.kind_of_work == "command"
 
     @field_validator("depends_on", mode="before")
     @classmethod
@@ -191,6 +281,13 @@ class SagaDefinition(BaseModel):
     """The steps; their order here does not matter, dependencies do."""
     input_model: type[BaseModel] | None = Field(default=None, exclude=True)
     """Optional pydantic model the saga input must satisfy (Python definitions only)."""
+    deadline: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Seconds after its start by which the saga should have ended: a saga still running then
+    is compensated if its pivot has not started, else an alert is raised."""
+    triggers: tuple[Trigger, ...] = ()
+    """Topics of events that start this saga, one saga per event (`saga.core.triggers`)."""
+    outcomes: tuple[Outcome, ...] = ()
+    """Events this saga publishes when it ends, in the transaction of its final event."""
 
     @model_validator(mode="after")
     def _check_rules(self) -> SagaDefinition:
@@ -330,20 +427,53 @@ class SagaDefinition(BaseModel):
     # -- queries used by the scheduler ---------------------------------------------------------
 
     def step(self, name: str) -> Step:
-        """The step called ``name``.
+        """The step called ``name``; for an item of a ``for_each`` step (``dishes[2]``, see
+        `item_name`), that step.
 
         Raises:
             KeyError: No such step.
         """
-        return self._by_name[name]
+        found = self._by_name.get(name)
+        if found is not None:
+            return found
+        base, index = split_item(name)
+        found = self._by_name.get(base) if index is not None else None
+        if found is None or found.for_each is None:
+            raise KeyError(name)
+        return found
+
+    def unit(self, name: str) -> Step:
+        """What runs under ``name``: the step, or for an item of a ``for_each`` step
+        (``dishes[2]``) that step under the item's name, so that the item's events, commands
+        and idempotency key are its own.
+
+        Raises:
+            KeyError: No such step.
+        """
+        found = self.step(name)
+        return found if found.name == name else found.model_copy(update={"name": name})
 
     def has_step(self, name: str) -> bool:
         """Whether the saga has a step called ``name``."""
-        return name in self._by_name
+        try:
+            self.step(name)
+        except KeyError:
+            return False
+        return True
 
     def dependents(self, name: str) -> tuple[tuple[str, DependencyType], ...]:
-        """The steps that declare ``name`` as a predecessor, with the dependency type."""
-        return self._dependents.get(name, ())
+        """The steps that declare ``name`` (or, for an item, its step) as a predecessor, with
+        the dependency type."""
+        return self._dependents.get(split_item(name)[0], ())
+
+    @property
+    def services(self) -> frozenset[str]:
+        """The services whose participants run its steps (waiting steps have none)."""
+        return frozenset(s.service for s in self.steps if s.service is not None)
+
+    def waits_for(self, signal: str) -> Step | None:
+        """The ``wait`` step that waits for ``signal``, if any (rule ``unique-signal``: one)."""
+        return next((s for s in self.steps if s.wait == signal), None)
 
     @property
     def pivot(self) -> str | None:

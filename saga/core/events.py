@@ -15,6 +15,7 @@ from pydantic import Field
 from saga.core.wire import ErrorInfo, JsonObject, Phase, WireMessage, unset
 
 __all__ = [
+    "ApprovalReminded",
     "CancelRejected",
     "CompensationResolved",
     "CompensationRetryScheduled",
@@ -26,16 +27,22 @@ __all__ = [
     "SagaAborted",
     "SagaCompensated",
     "SagaCompleted",
+    "SagaDeadlinePassed",
     "SagaRejected",
     "SagaResumed",
     "SagaStarted",
     "SagaStuck",
+    "SignalReceived",
+    "SignalRejected",
     "StartIgnored",
     "StartRefused",
     "StepEvent",
+    "StepExpanded",
     "StepFailedEvent",
     "StepResolved",
     "StepRetryScheduled",
+    "StepScheduled",
+    "StepSkipped",
     "StepStarted",
     "StepStuck",
     "StepSucceeded",
@@ -73,6 +80,8 @@ class SagaStarted(EventBase):
     digest: str | None = Field(default=None, exclude_if=unset)
     """`saga.core.definition.SagaDefinition.digest` of the definition it started on (``None``
     in records written before digests)."""
+    deadline_at: float | None = Field(default=None, exclude_if=unset)
+    """When the saga should have ended (its definition's ``deadline`` after the start)."""
     by: str | None = Field(default=None, exclude_if=unset)
     """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
@@ -131,13 +140,54 @@ class StepStarted(StepEvent):
 
     type: Literal["step_started"] = "step_started"
     deadline_at: float
+    wake_at: float | None = Field(default=None, exclude_if=unset)
+    """An ``approval`` step's first reminder (or escalation), if it has one."""
 
 
 class StepSucceeded(StepEvent):
-    """The step's action succeeded with an output."""
+    """The step's action succeeded with an output (a ``wait`` step's: the signal's data; an
+    ``approval`` step's: who approved, and their note)."""
 
     type: Literal["step_succeeded"] = "step_succeeded"
     output: JsonObject
+    signal: str | None = Field(default=None, exclude_if=unset)
+    """The signal a ``wait`` step took (and the saga no longer keeps)."""
+
+
+class StepScheduled(StepEvent):
+    """The step could start, and waits for its ``delay`` or ``start_at`` (a durable timer: it
+    lives in the state, so a restarted coordinator arms it again)."""
+
+    type: Literal["step_scheduled"] = "step_scheduled"
+    due_at: float
+
+
+class StepExpanded(StepEvent):
+    """A ``for_each`` step began: it runs once per item of its list, each item a step of its
+    own in the state (``dishes[0]``, ``dishes[1]``, ...: `saga.core.definition.item_name`)
+    with its own attempts, output and compensation."""
+
+    type: Literal["step_expanded"] = "step_expanded"
+    count: int = Field(ge=0)
+
+
+class StepSkipped(StepEvent):
+    """The step will not run: its ``when`` condition was false (or, still waiting for its
+    timer, the saga began compensating). It counts as finished for its dependants and is
+    never compensated."""
+
+    type: Literal["step_skipped"] = "step_skipped"
+    reason: str
+
+
+class ApprovalReminded(StepEvent):
+    """An ``approval`` step still waits: its approvers were reminded, or it was escalated."""
+
+    type: Literal["approval_reminded"] = "approval_reminded"
+    escalated: bool
+    recipients: list[str]
+    next_at: float | None = None
+    """When the next reminder or escalation is due (``None``: no more)."""
 
 
 class StepRetryScheduled(StepEvent):
@@ -264,6 +314,35 @@ class CancelRejected(EventBase):
     """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
 
+class SignalReceived(EventBase):
+    """A named external event for the saga (`saga signal`): a ``wait`` step waiting for it
+    completes with its data; one that arrives first is kept until its step waits."""
+
+    type: Literal["signal_received"] = "signal_received"
+    name: str
+    data: JsonObject
+    message_id: str
+    by: str | None = Field(default=None, exclude_if=unset)
+
+
+class SignalRejected(EventBase):
+    """A signal the saga cannot take (it has ended, or its step has already finished)."""
+
+    type: Literal["signal_rejected"] = "signal_rejected"
+    name: str
+    reason: str
+    message_id: str
+    by: str | None = Field(default=None, exclude_if=unset)
+
+
+class SagaDeadlinePassed(EventBase):
+    """The saga's deadline passed while it ran: it is compensated (a `SagaAborted` follows)
+    if its pivot had not started, else an alert is raised and it goes on."""
+
+    type: Literal["saga_deadline_passed"] = "saga_deadline_passed"
+    compensating: bool
+
+
 class RequestDenied(EventBase):
     """A signed request that the authorization policy refused (`saga.core.policy`): recorded
     so that the audit trail shows refused attempts next to accepted ones. Nothing changed."""
@@ -300,6 +379,13 @@ Event = Annotated[
     | SagaRejected
     | StartIgnored
     | StartRefused
-    | RequestDenied,
+    | RequestDenied
+    | StepScheduled
+    | StepExpanded
+    | StepSkipped
+    | ApprovalReminded
+    | SignalReceived
+    | SignalRejected
+    | SagaDeadlinePassed,
     Field(discriminator="type"),
 ]

@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from saga.core.events import (
+    ApprovalReminded,
     CancelRejected,
     CompensationResolved,
     CompensationRetryScheduled,
@@ -38,16 +39,22 @@ from saga.core.events import (
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
+    SagaDeadlinePassed,
     SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    SignalReceived,
+    SignalRejected,
     StartIgnored,
     StartRefused,
     StepEvent,
+    StepExpanded,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
+    StepScheduled,
+    StepSkipped,
     StepStarted,
     StepStuck,
     StepSucceeded,
@@ -67,6 +74,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Alert",
     "AlertKind",
+    "ApprovalReminded",
     "CancelRejected",
     "CancelSaga",
     "Checkpoint",
@@ -75,6 +83,7 @@ __all__ = [
     "CompensationRetryScheduled",
     "CompensationStarted",
     "CompensationSucceeded",
+    "DecideApproval",
     "ErrorInfo",
     "Event",
     "EventBase",
@@ -88,19 +97,26 @@ __all__ = [
     "SagaAborted",
     "SagaCompensated",
     "SagaCompleted",
+    "SagaDeadlinePassed",
     "SagaRejected",
     "SagaResumed",
     "SagaStarted",
     "SagaStuck",
+    "SignalReceived",
+    "SignalRejected",
+    "SignalSaga",
     "Snapshot",
     "SnapshotRecord",
     "StartIgnored",
     "StartRefused",
     "StartSaga",
     "StepEvent",
+    "StepExpanded",
     "StepFailedEvent",
     "StepResolved",
     "StepRetryScheduled",
+    "StepScheduled",
+    "StepSkipped",
     "StepStarted",
     "StepStuck",
     "StepSucceeded",
@@ -190,7 +206,36 @@ class ResolveSaga(WireMessage):
     signed)."""
 
 
-Request = StartSaga | CancelSaga | RetrySaga | ResolveSaga
+class SignalSaga(WireMessage):
+    """Delivers a named external event to a running saga: a ``wait`` step waiting for
+    ``name`` completes with ``data`` as its output."""
+
+    type: Literal["signal"] = "signal"
+    message_id: str
+    saga_id: str
+    name: str
+    data: JsonObject = Field(default_factory=dict)
+    at: float
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who sends it (see `StartSaga.by`)."""
+
+
+class DecideApproval(WireMessage):
+    """An approver's decision on an ``approval`` step: approved (the step succeeds) or
+    rejected (a business failure: the saga compensates)."""
+
+    type: Literal["approval"] = "approval"
+    message_id: str
+    saga_id: str
+    step: str
+    approve: bool
+    note: str = ""
+    at: float
+    by: str | None = Field(default=None, exclude_if=unset)
+    """Who decides (see `StartSaga.by`); checked against the step's approvers."""
+
+
+Request = StartSaga | CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval
 """Anything a client sends to the requests topic."""
 request_adapter: TypeAdapter[Request] = TypeAdapter(Annotated[Request, Field(discriminator="type")])
 
@@ -269,9 +314,13 @@ class Checkpoint(WireMessage):
     coordinator refuses to run on another count (`saga.errors.TopologyChanged`)."""
 
 
-AlertKind = Literal["stuck", "denied", "forbidden"]
+AlertKind = Literal[
+    "stuck", "denied", "forbidden", "approval", "reminder", "escalation", "deadline"
+]
 """Why an alert was raised: a saga is ``stuck``; a request was ``denied`` by the policy; a
-signed message came from a principal that may not send it (``forbidden``)."""
+signed message came from a principal that may not send it (``forbidden``); an ``approval``
+step waits for a decision (then a ``reminder``, an ``escalation``); a saga past its pivot
+missed its ``deadline``."""
 
 
 class Alert(WireMessage):
@@ -285,6 +334,8 @@ class Alert(WireMessage):
     steps: list[str]
     at: float
     kind: AlertKind = Field(default="stuck", exclude_if=lambda v: v == "stuck")
+    recipients: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)
+    """Who should be told (an approval's approvers, or whom it escalates to)."""
 
 
 SnapshotRecord = Annotated[Snapshot | Checkpoint, Field(discriminator="type")]

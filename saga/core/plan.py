@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from saga.core import dataflow, schedule
-from saga.core.definition import SagaDefinition, Step, StepKind
+from saga.core import dataflow, primitives, schedule
+from saga.core.definition import SagaDefinition, Step, StepKind, split_item
 from saga.core.messages import (
     Alert,
     CancelRejected,
@@ -153,15 +153,20 @@ class Plan:
             steps=[s.name for s in self.d.steps],
             digest=self.d.digest,
             by=m.by,
+            deadline_at=self.now + self.d.deadline if self.d.deadline is not None else None,
         )
         return None
 
     def on_reply(self, r: Reply) -> tuple[str, str] | None:
         """A participant's reply to the current attempt of an action or compensation."""
         where = f"saga {r.saga_id!r}, step {r.step!r}"
-        if not self.d.has_step(r.step):
+        if not self.d.has_step(r.step) or (
+            self.d.step(r.step).for_each is not None and r.step not in self.s.steps
+        ):
             return "rejected", f"{where}: saga {self.d.name!r} has no such step"
-        sd = self.d.step(r.step)
+        sd = self.d.unit(r.step)
+        if sd.for_each is not None and not schedule.is_item(r.step):
+            return "rejected", f"{where}: a for_each step is answered item by item"
         if r.service != sd.service:
             return (
                 "rejected",
@@ -204,11 +209,13 @@ class Plan:
         """The clock: fires the deadlines and retries that are due by ``now``."""
         fired = False
         timeout = ErrorInfo(type="Timeout", message="no reply before the step's deadline")
-        for sd in self.d.steps:
+        for sd in schedule.units(self.d, self.s):
             ss = self.step_state(sd.name)
             if ss.deadline_at is not None and ss.deadline_at <= self.now:
                 fired = True
-                if ss.status is StepStatus.RUNNING:
+                if ss.status is StepStatus.RUNNING and not sd.has_effect:
+                    self.action_failed(sd, primitives.waiting_timeout(sd))
+                elif ss.status is StepStatus.RUNNING:
                     self.action_failed(sd, timeout, timed_out=True)
                 elif ss.status is StepStatus.COMPENSATING:
                     self.compensation_failed(sd, timeout)
@@ -218,6 +225,7 @@ class Plan:
                     self.start_step(sd, ss.attempt + 1)
                 elif ss.status is StepStatus.COMPENSATION_RETRYING:
                     self.start_compensation(sd, ss.compensation_attempt + 1)
+        fired = primitives.fire_timers(self) or fired
         return None if fired else ("ignored", "nothing due")
 
     def on_cancel(self, m: CancelSaga) -> tuple[str, str] | None:
@@ -280,7 +288,7 @@ class Plan:
             by=m.by,
         )
         for name, ss in stuck:
-            (compensation if ss.stuck_phase == "compensation" else action)(self.d.step(name), ss)
+            (compensation if ss.stuck_phase == "compensation" else action)(self.d.unit(name), ss)
         return None
 
     # -- failures ----------------------------------------------------------------------------
@@ -337,7 +345,11 @@ class Plan:
     # -- starting work -----------------------------------------------------------------------
 
     def start_step(self, sd: Step, attempt: int) -> None:
-        """Starts ``attempt`` of ``sd``'s action, or fails the step if its input cannot be built."""
+        """Starts ``attempt`` of ``sd``'s action, or fails the step if its input cannot be built.
+        A waiting step (``wait``, ``approval``) starts waiting instead (`saga.core.primitives`)."""
+        if not sd.has_effect:
+            primitives.start_waiting(self, sd, attempt)
+            return
         try:
             payload = self.render_input(sd)
         except (dataflow.ResolveError, ValidationError) as exc:
@@ -350,6 +362,7 @@ class Plan:
             return
         deadline = self.now + sd.timeout
         self.emit(StepStarted, step=sd.name, attempt=attempt, deadline_at=deadline)
+        assert sd.action is not None  # a step with an effect sends a command (rule step-work)
         self.command(sd, "action", sd.action, attempt, payload, deadline)
 
     def start_compensation(self, sd: Step, attempt: int) -> None:
@@ -373,7 +386,7 @@ class Plan:
         """
         s = self.s
         value = dataflow.render(
-            sd.input, saga_id=s.saga_id, saga_input=s.input, outputs=s.outputs()
+            sd.input, saga_id=s.saga_id, saga_input=s.input, outputs=s.outputs(), **self.item(sd)
         )
         if sd.input_model is not None:
             value = sd.input_model.model_validate(value).model_dump(mode="json")
@@ -381,12 +394,43 @@ class Plan:
             raise dataflow.ResolveError(f"the input must be an object, got {type(value).__name__}")
         return value
 
+    def item(self, sd: Step) -> dict[str, Any]:
+        """``{"item": ...}``, the item ``sd`` runs for when it is an item of a fan-out (for
+        `saga.core.dataflow.render`); ``{}`` otherwise.
+
+        Raises:
+            dataflow.ResolveError: The list can no longer be read (it could when the step
+                expanded; the data it reads does not change after).
+        """
+        index = split_item(sd.name)[1]
+        if sd.for_each is None or index is None:
+            return {}
+        return {"item": self.items(sd)[index]}
+
+    def items(self, sd: Step) -> list[Any]:
+        """The list a ``for_each`` step runs over.
+
+        Raises:
+            dataflow.ResolveError: The reference names nothing, or not a list.
+        """
+        s = self.s
+        assert sd.for_each is not None
+        found = dataflow.render(
+            sd.for_each, saga_id=s.saga_id, saga_input=s.input, outputs=s.outputs()
+        )
+        if not isinstance(found, list):
+            raise dataflow.ResolveError(
+                f"for_each {sd.for_each}: expected a list, got {type(found).__name__}"
+            )
+        return found
+
     def command(
         self, sd: Step, phase: Phase, action: str, attempt: int, payload: Any, deadline: float
     ) -> None:
         """Adds the command that runs ``attempt`` of ``sd``'s ``phase``."""
         s = self.s
         round_ = self.step_state(sd.name).budget_from
+        assert sd.service is not None  # only steps with an effect send commands
         self.commands.append(
             Command(
                 message_id=f"{s.saga_id}/{sd.name}/{phase}/{attempt}",

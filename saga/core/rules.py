@@ -19,6 +19,18 @@ The rules, after Richardson's step kinds and Garcia-Molina and Salem's sagas:
   step after it; the declared dependencies must not contradict that order.
 - ``input-reference``: an input template refers only to the saga input, the saga id, or the
   output of a step that finishes before this one starts.
+- ``step-work``: a step does one thing: it sends a command (``service`` and ``action``), waits
+  for a signal (``wait``) or asks for an approval (``approval``).
+- ``no-effect``: a ``wait`` or ``approval`` step changes nothing a compensation could undo, so
+  it has no compensation and cannot be the pivot.
+- ``unique-signal``: no two ``wait`` steps wait for the same signal.
+- ``condition``: a step's ``when`` parses (`saga.core.conditions`) and reads only the saga
+  input, the saga id, or the output of a step that finishes before this one starts.
+- ``start-at``: ``start_at`` is one reference (to the saga input or an earlier output), and a
+  step has a ``delay`` or a ``start_at``, not both.
+- ``for-each``: ``for_each`` is one reference to a list (the saga input or an earlier output),
+  on a step that sends a command and is not the pivot; ``$.item`` is read only by the input of
+  a ``for_each`` step.
 - ``finite``: every number of a step (its ``timeout``, and the floats of its retry policies) is
   finite: with an infinite or NaN deadline or backoff a saga would wait for ever. The schema
   itself refuses them (so a Python `Step` cannot hold one either); `describe` words the error
@@ -30,8 +42,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from saga.core import dataflow
-from saga.core.definition import DependencyType, SagaDefinition, StepKind
+from saga.core import conditions, dataflow, triggers
+from saga.core.definition import DependencyType, SagaDefinition, Step, StepKind
 
 __all__ = ["describe", "problems"]
 
@@ -63,13 +75,23 @@ def problems(d: SagaDefinition) -> Iterator[str]:
                 yield f"{at}: [acyclic] depends on itself"
             else:
                 edges[dep.step].add(s.name)
-        if s.kind is StepKind.COMPENSATABLE and not s.compensation:
+        yield from _work_problems(at, s)
+        if s.has_effect and s.kind is StepKind.COMPENSATABLE and not s.compensation:
             yield (
                 f"{at}: [compensation-required] a compensatable step needs a compensation; "
                 "add one, or mark it kind 'pivot' or 'retriable'"
             )
         if s.kind is not StepKind.COMPENSATABLE and s.compensation:
             yield f"{at}: [no-compensation] a {s.kind.value} step cannot have a compensation"
+    signals: dict[str, str] = {}
+    for s in d.steps:
+        if s.wait is not None and s.wait in signals:
+            yield (
+                f"{where}, step {s.name!r}: [unique-signal] signal {s.wait!r} is already "
+                f"waited for by step {signals[s.wait]!r}"
+            )
+        elif s.wait is not None:
+            signals[s.wait] = s.name
     cycle = _find_cycle(edges)
     if cycle:
         yield f"{where}, step {cycle[0]!r}: [acyclic] dependency cycle {' -> '.join(cycle)}"
@@ -110,6 +132,48 @@ def problems(d: SagaDefinition) -> Iterator[str]:
             )
             return
     yield from _reference_problems(d, edges)
+    yield from triggers.problems(d.name, d.triggers, d.outcomes, names)
+
+
+def _work_problems(at: str, s: Step) -> Iterator[str]:
+    """The ``step-work``, ``no-effect`` and ``start-at`` rules of one step."""
+    kinds = [k for k, v in (("action", s.action), ("wait", s.wait), ("approval", s.approval)) if v]
+    if len(kinds) != 1:
+        got = " and ".join(kinds) if kinds else "none of them"
+        yield (
+            f"{at}: [step-work] a step has exactly one of action (with service), wait or "
+            f"approval; it has {got}"
+        )
+    elif s.action is not None and s.service is None:
+        yield f"{at}: [step-work] a step with an action needs the service that runs it"
+    elif s.action is None and s.service is not None:
+        yield f"{at}: [step-work] a {kinds[0]} step runs in the coordinator: it has no service"
+    if not s.has_effect and s.compensation:
+        yield (
+            f"{at}: [no-effect] a {s.kind_of_work} step changes nothing, so it has no compensation"
+        )
+    if not s.has_effect and s.kind is StepKind.PIVOT:
+        yield f"{at}: [no-effect] a {s.kind_of_work} step cannot be the pivot"
+    if s.for_each is not None and not s.has_effect:
+        yield f"{at}: [for-each] only a step that sends a command can run for each item"
+    if s.for_each is not None and s.kind is StepKind.PIVOT:
+        yield f"{at}: [for-each] the pivot is one point of no return: it cannot fan out"
+    if s.for_each is not None and not (
+        s.for_each.startswith("$.") and len(dataflow.references(s.for_each)) == 1
+    ):
+        yield (
+            f"{at}: [for-each] for_each must be one reference such as $.input.dishes, "
+            f"not {s.for_each!r}"
+        )
+    if s.delay is not None and s.start_at is not None:
+        yield f"{at}: [start-at] a step has a delay or a start_at, not both"
+    if s.start_at is not None and not (
+        s.start_at.startswith("$.") and len(dataflow.references(s.start_at)) == 1
+    ):
+        yield (
+            f"{at}: [start-at] start_at must be one reference such as $.input.deliver_at, "
+            f"not {s.start_at!r}"
+        )
 
 
 def _reference_problems(d: SagaDefinition, edges: Mapping[str, set[str]]) -> Iterator[str]:
@@ -122,18 +186,35 @@ def _reference_problems(d: SagaDefinition, edges: Mapping[str, set[str]]) -> Ite
     for s in d.steps:
         at = f"saga {d.name!r}, step {s.name!r}"
         finished_before = _reach(s.name, before) - {s.name}
-        for root, _rest in dataflow.references(s.input):
+        refs = [("input-reference", r) for r in dataflow.references(s.input)]
+        refs += [("start-at", r) for r in dataflow.references(s.start_at)]
+        refs += [("for-each", r) for r in dataflow.references(s.for_each)]
+        if s.when is not None:
+            try:
+                condition = conditions.parse(s.when)
+            except conditions.ConditionError as exc:
+                yield f"{at}: [condition] when {s.when!r}: {exc}"
+                continue
+            refs += [("condition", r) for r in dataflow.references(list(condition.paths()))]
+        for rule, (root, _rest) in refs:
             if root in ("input", "saga_id"):
                 continue
+            if root == "item":
+                if rule != "input-reference" or s.for_each is None:
+                    yield (
+                        f"{at}: [{rule}] reads $.item, which only the input of a for_each "
+                        "step has"
+                    )
+                continue
             if not root.startswith("steps."):
-                yield f"{at}: [input-reference] unknown reference root {root!r}"
+                yield f"{at}: [{rule}] unknown reference root {root!r}"
                 continue
             source = root.removeprefix("steps.")
             if source not in edges:
-                yield f"{at}: [input-reference] reads the output of {source!r}, which is not a step"
+                yield f"{at}: [{rule}] reads the output of {source!r}, which is not a step"
             elif source not in finished_before:
                 yield (
-                    f"{at}: [input-reference] reads the output of {source!r} but does not "
+                    f"{at}: [{rule}] reads the output of {source!r} but does not "
                     "depend on it finish-to-start, so the output may not exist yet"
                 )
 

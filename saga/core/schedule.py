@@ -23,7 +23,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from saga.core.definition import DependencyType, SagaDefinition, Step, StepKind
+from saga.core import primitives
+from saga.core.definition import (
+    DependencyType,
+    SagaDefinition,
+    Step,
+    StepKind,
+    item_name,
+    split_item,
+)
 from saga.core.messages import (
     Alert,
     ErrorInfo,
@@ -32,6 +40,7 @@ from saga.core.messages import (
     SagaCompleted,
     SagaStuck,
     StepFailedEvent,
+    StepSucceeded,
     StepTimedOut,
 )
 from saga.core.state import (
@@ -53,11 +62,15 @@ __all__ = [
     "dependents_settled",
     "has_started",
     "is_finished",
+    "is_item",
     "is_ready",
+    "items_of",
+    "owes_undo",
     "quiescent_and_stuck",
     "step_state",
     "stuck_reason",
     "stuck_steps",
+    "units",
 ]
 
 # -- advancing to a fixpoint -----------------------------------------------------------------
@@ -84,16 +97,20 @@ def advance(plan: Plan) -> None:
 def _advance_forward(plan: Plan) -> bool:
     """One round of forward progress; False when the saga cannot move further now."""
     d = plan.d
-    for sd in d.steps:
+    for sd in units(d, plan.s):
         ss = plan.step_state(sd.name)
         if ss.status in (StepStatus.FAILED, StepStatus.UNKNOWN):
             reason = f"step {sd.name!r} failed: {ss.error.message if ss.error else 'unknown'}"
             plan.emit(SagaAborted, reason=reason, step=sd.name)
             return True
+    progressed = _gather_items(plan)
     ready = [sd for sd in d.steps if is_ready(d, plan.s, sd)]
     for sd in ready:
-        plan.start_step(sd, 1)
-    if ready:
+        primitives.begin(plan, sd)  # skipped, scheduled for its timer, expanded, or started
+    for item in _items_to_start(d, plan.s):
+        plan.start_step(item, 1)
+        progressed = True
+    if ready or progressed:
         return True
     if all(is_finished(d, plan.s, sd.name) for sd in d.steps):
         plan.emit(SagaCompleted)
@@ -106,8 +123,8 @@ def _advance_forward(plan: Plan) -> bool:
 def _advance_backward(plan: Plan) -> bool:
     """One round of compensation; False when the saga cannot move further now."""
     d = plan.d
-    progressed = False
-    for sd in d.steps:
+    progressed = _close_fan_outs(plan)
+    for sd in units(d, plan.s):
         ss = plan.step_state(sd.name)
         if ss.status is StepStatus.RETRYING:
             progressed = True
@@ -119,21 +136,105 @@ def _advance_backward(plan: Plan) -> bool:
                     message="retries abandoned: the saga is compensating",
                 )
                 plan.emit(StepFailedEvent, step=sd.name, attempt=ss.attempt, error=error)
-    for sd in d.steps:
-        if plan.step_state(sd.name).status in UNDO_OWED and dependents_settled(d, plan.s, sd.name):
+        elif primitives.abandon(plan, sd):
+            progressed = True
+    for sd in units(d, plan.s):
+        if owes_undo(d, plan.s, sd.name) and dependents_settled(d, plan.s, sd.name):
             progressed = True
             plan.start_compensation(sd, 1)
     if progressed:
         return True
-    statuses = [plan.step_state(sd.name).status for sd in d.steps]
+    statuses = [plan.step_state(sd.name).status for sd in (*d.steps, *units(d, plan.s))]
     if any(st in IN_FLIGHT for st in statuses):
         return False
     if StepStatus.STUCK in statuses:
         plan.emit(SagaStuck, reason=stuck_reason(d, plan.s))
         raise_alert(plan)
-    elif not any(st in UNDO_OWED for st in statuses):
+    elif not any(owes_undo(d, plan.s, sd.name) for sd in units(d, plan.s)):
         plan.emit(SagaCompensated)
     return False
+
+
+# -- fan-out ---------------------------------------------------------------------------------
+
+
+def units(d: SagaDefinition, state: SagaState) -> list[Step]:
+    """What runs: every step, with the items of a ``for_each`` step that has expanded in its
+    place (each under its item name, `SagaDefinition.unit`).
+
+    Args:
+        d: The saga's definition.
+        state: The saga's state.
+    """
+    found: list[Step] = []
+    for sd in d.steps:
+        names = items_of(state, sd.name) if sd.for_each is not None else []
+        found += [d.unit(n) for n in names] if names else [sd]
+    return found
+
+
+def is_item(name: str) -> bool:
+    """Whether ``name`` names an item of a fan-out (``dishes[2]``)."""
+    return split_item(name)[1] is not None
+
+
+def items_of(state: SagaState, name: str) -> list[str]:
+    """The item names of ``for_each`` step ``name``, in order (none before it expands).
+
+    Args:
+        state: The saga's state.
+        name: The step's name.
+    """
+    found: list[str] = []
+    while (item := item_name(name, len(found))) in state.steps:
+        found.append(item)
+    return found
+
+
+def _gather_items(plan: Plan) -> bool:
+    """A running fan-out whose items all succeeded succeeds, its output their outputs."""
+    progressed = False
+    for sd in plan.d.steps:
+        names = items_of(plan.s, sd.name) if sd.for_each is not None else []
+        if not names or plan.step_state(sd.name).status is not StepStatus.RUNNING:
+            continue
+        items = [plan.step_state(n) for n in names]
+        if all(i.status is StepStatus.SUCCEEDED for i in items):
+            output = {"items": [i.output or {} for i in items]}
+            plan.emit(StepSucceeded, step=sd.name, attempt=0, output=output)
+            progressed = True
+    return progressed
+
+
+def _items_to_start(d: SagaDefinition, state: SagaState) -> list[Step]:
+    """The pending items of running fan-outs that may start now (``max_parallel`` at once)."""
+    found: list[Step] = []
+    for sd in d.steps:
+        names = items_of(state, sd.name) if sd.for_each is not None else []
+        if not names or step_state(state, sd.name).status is not StepStatus.RUNNING:
+            continue
+        busy = sum(step_state(state, n).status in IN_FLIGHT for n in names)
+        pending = [n for n in names if step_state(state, n).status is StepStatus.PENDING]
+        found += [d.unit(n) for n in pending[: max(0, sd.max_parallel - busy)]]
+    return found
+
+
+def _close_fan_outs(plan: Plan) -> bool:
+    """While compensating: a fan-out still running, once none of its items is in flight, is
+    closed as failed (its items that took effect are compensated one by one)."""
+    progressed = False
+    for sd in plan.d.steps:
+        names = items_of(plan.s, sd.name) if sd.for_each is not None else []
+        if not names or plan.step_state(sd.name).status is not StepStatus.RUNNING:
+            continue
+        items = [plan.step_state(n) for n in names]
+        if any(i.status in IN_FLIGHT for i in items):
+            continue
+        failed = next((i.error for i in items if i.error is not None), None)
+        error = failed or ErrorInfo(type="Abandoned", message="the saga is compensating")
+        plan.emit(StepFailedEvent, step=sd.name, attempt=0, error=error)
+        progressed = True
+    return progressed
 
 
 def raise_alert(plan: Plan) -> None:
@@ -168,13 +269,29 @@ def step_state(state: SagaState, name: str) -> StepState:
 
 
 def has_started(state: SagaState, name: str) -> bool:
-    """Whether step ``name`` has left ``pending`` (whatever became of it since).
+    """Whether step ``name`` has started (whatever became of it since), or was skipped: it
+    left ``pending``, and is not waiting for its timer.
 
     Args:
         state: The saga's state.
         name: The step's name.
     """
-    return step_state(state, name).status is not StepStatus.PENDING
+    return step_state(state, name).status not in (StepStatus.PENDING, StepStatus.SCHEDULED)
+
+
+def owes_undo(d: SagaDefinition, state: SagaState, name: str) -> bool:
+    """Whether compensating the saga must undo step ``name``: its action took (or may have
+    taken) effect. A waiting step (``wait``, ``approval``) changes nothing, so owes nothing.
+
+    Args:
+        d: The saga's definition.
+        state: The saga's state.
+        name: The step's name.
+    """
+    sd = d.unit(name)
+    if sd.for_each is not None and sd.name == split_item(name)[0]:
+        return False  # a fan-out's items are undone, one by one; the step itself sends nothing
+    return step_state(state, name).status in UNDO_OWED and sd.has_effect
 
 
 def is_finished(d: SagaDefinition, state: SagaState, name: str) -> bool:
@@ -186,7 +303,10 @@ def is_finished(d: SagaDefinition, state: SagaState, name: str) -> bool:
         state: The saga's state.
         name: The step's name.
     """
-    if step_state(state, name).status is not StepStatus.SUCCEEDED:
+    status = step_state(state, name).status
+    if status is StepStatus.SKIPPED:
+        return True  # it will never run: nothing to wait for
+    if status is not StepStatus.SUCCEEDED:
         return False
     for dep in d.step(name).depends_on:
         if dep.type is DependencyType.FINISH_TO_FINISH and not is_finished(d, state, dep.step):
@@ -231,10 +351,16 @@ def dependents_settled(d: SagaDefinition, state: SagaState, name: str) -> bool:
         state: The saga's state.
         name: The step's name.
     """
-    return all(
-        step_state(state, dependent).status in SETTLED_FOR_UNDO
-        for dependent, _ in d.dependents(name)
-    )
+    return all(_settled(d, state, dependent) for dependent, _ in d.dependents(name))
+
+
+def _settled(d: SagaDefinition, state: SagaState, name: str) -> bool:
+    if d.step(name).for_each is not None and (names := items_of(state, name)):
+        return all(_settled(d, state, n) for n in names)
+    status = step_state(state, name).status
+    # A waiting step that succeeded changed nothing: there is nothing of it to wait for.
+    waited = status is StepStatus.SUCCEEDED and not d.step(name).has_effect
+    return status in SETTLED_FOR_UNDO or waited
 
 
 def quiescent_and_stuck(d: SagaDefinition, state: SagaState) -> bool:
@@ -244,7 +370,8 @@ def quiescent_and_stuck(d: SagaDefinition, state: SagaState) -> bool:
         d: The saga's definition.
         state: The saga's state.
     """
-    statuses = [step_state(state, sd.name).status for sd in d.steps]
+    steps = (*d.steps, *units(d, state))
+    statuses = [step_state(state, sd.name).status for sd in steps]
     return StepStatus.STUCK in statuses and not any(st in IN_FLIGHT for st in statuses)
 
 
@@ -255,7 +382,7 @@ def stuck_steps(d: SagaDefinition, state: SagaState) -> Iterator[tuple[str, Step
         d: The saga's definition.
         state: The saga's state.
     """
-    for sd in d.steps:
+    for sd in units(d, state):
         ss = step_state(state, sd.name)
         if ss.status is StepStatus.STUCK:
             yield sd.name, ss

@@ -51,7 +51,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from saga.core.definition import item_name
 from saga.core.messages import (
+    ApprovalReminded,
     CancelRejected,
     CompensationResolved,
     CompensationRetryScheduled,
@@ -64,16 +66,22 @@ from saga.core.messages import (
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
+    SagaDeadlinePassed,
     SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    SignalReceived,
+    SignalRejected,
     StartIgnored,
     StartRefused,
     StepEvent,
+    StepExpanded,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
+    StepScheduled,
+    StepSkipped,
     StepStarted,
     StepStuck,
     StepSucceeded,
@@ -103,6 +111,10 @@ class StepStatus(StrEnum):
     """Where one step is; see the module docstring for the edges."""
 
     PENDING = "pending"
+    SCHEDULED = "scheduled"
+    """It could start, and waits for its timer (``delay`` or ``start_at``)."""
+    SKIPPED = "skipped"
+    """It will not run (its condition was false): finished for its dependants, not undone."""
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
@@ -135,6 +147,7 @@ FINAL_STATUSES = TERMINAL_STATUSES | {SagaStatus.STUCK, SagaStatus.REJECTED}
 
 IN_FLIGHT = frozenset(
     {
+        StepStatus.SCHEDULED,
         StepStatus.RUNNING,
         StepStatus.RETRYING,
         StepStatus.COMPENSATING,
@@ -144,13 +157,23 @@ IN_FLIGHT = frozenset(
 """Step statuses with an attempt out or a retry due: the saga cannot end while one has them."""
 UNDO_OWED = frozenset({StepStatus.SUCCEEDED, StepStatus.UNKNOWN})
 """Step statuses whose action took (or may have taken) effect: compensating must undo them."""
-SETTLED_FOR_UNDO = frozenset({StepStatus.PENDING, StepStatus.FAILED, StepStatus.COMPENSATED})
+SETTLED_FOR_UNDO = frozenset(
+    {StepStatus.PENDING, StepStatus.SKIPPED, StepStatus.FAILED, StepStatus.COMPENSATED}
+)
 """Step statuses that leave nothing to undo: once a step's dependents all have them, it may be
 compensated."""
 
 S = StepStatus
 STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
     (StepStarted, S.PENDING): S.RUNNING,
+    (StepStarted, S.SCHEDULED): S.RUNNING,  # its timer fired
+    (StepScheduled, S.PENDING): S.SCHEDULED,
+    (StepExpanded, S.PENDING): S.RUNNING,  # a for_each step: its items run
+    (StepExpanded, S.SCHEDULED): S.RUNNING,
+    (StepSkipped, S.PENDING): S.SKIPPED,  # its condition is false
+    (StepSkipped, S.SCHEDULED): S.SKIPPED,  # the saga compensates before its timer fired
+    (StepFailedEvent, S.SCHEDULED): S.FAILED,  # its start time could not be read
+    (ApprovalReminded, S.RUNNING): S.RUNNING,
     (StepStarted, S.RETRYING): S.RUNNING,
     (StepStarted, S.STUCK): S.RUNNING,  # an operator's retry
     (StepSucceeded, S.RUNNING): S.SUCCEEDED,
@@ -178,7 +201,7 @@ STEP_TRANSITIONS: dict[tuple[type[EventBase], StepStatus], StepStatus] = {
 
 G = SagaStatus
 RECORD_ONLY: frozenset[type[EventBase]] = frozenset(
-    {CancelRejected, StartIgnored, StartRefused, RequestDenied}
+    {CancelRejected, StartIgnored, StartRefused, RequestDenied, SignalRejected}
 )
 """Events that record a request the saga answered without moving: legal in every status, they
 change neither the status nor anything else but ``seq``, ``updated_at`` and the requests
@@ -194,6 +217,11 @@ SAGA_TRANSITIONS: dict[tuple[type[EventBase], SagaStatus | None], SagaStatus] = 
     (SagaStuck, G.RUNNING): G.STUCK,
     (SagaStuck, G.COMPENSATING): G.STUCK,
     (SagaResumed, G.STUCK): G.RUNNING,  # or COMPENSATING: see SagaResumed.compensating
+    (SagaDeadlinePassed, G.RUNNING): G.RUNNING,  # a SagaAborted follows before the pivot
+    # A signal is kept while the saga can still use it (a wait step may start later).
+    (SignalReceived, G.RUNNING): G.RUNNING,
+    (SignalReceived, G.STUCK): G.STUCK,
+    (SignalReceived, G.COMPENSATING): G.COMPENSATING,
     **{(kind, status): status for kind in RECORD_ONLY for status in G},
 }
 """(event type, saga status before) -> saga status after, for the saga-level events (step events
@@ -201,6 +229,8 @@ are `STEP_TRANSITIONS`'). A `RECORD_ONLY` event is a self-loop in every status."
 
 STEP_EVENTS_NEED = {
     StepStarted: G.RUNNING,
+    StepExpanded: G.RUNNING,
+    StepScheduled: G.RUNNING,
     CompensationStarted: G.COMPENSATING,
 }
 """Step events that are legal only while the saga has one particular status."""
@@ -233,6 +263,10 @@ class StepState(BaseModel):
     finished_at: float | None = None
     """When the action succeeded or failed for good."""
     compensated_at: float | None = None
+    wake_at: float | None = None
+    """When the step's timer fires: a scheduled step's start, an approval's next reminder."""
+    reminders: int = 0
+    """Reminders and escalations an approval step has sent."""
 
 
 class SagaState(BaseModel):
@@ -256,6 +290,11 @@ class SagaState(BaseModel):
     digest: str | None = Field(default=None, exclude_if=lambda v: v is None)
     """The digest of the definition it started on (`SagaStarted.digest`; ``None`` for sagas
     started before digests, or rejected without a definition)."""
+    deadline_at: float | None = Field(default=None, exclude_if=lambda v: v is None)
+    """When the saga should have ended (its definition's ``deadline``); ``None`` once that
+    has been acted on, or without one."""
+    signals: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude_if=lambda v: not v)
+    """Signals received that no ``wait`` step has taken yet, by name (the latest of each)."""
     requests: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
     """The message ids of the latest operator requests the saga answered (cancel, retry,
     resolve; at most `REMEMBERED_REQUESTS`), so that the same request delivered or replayed
@@ -307,14 +346,30 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
     changes: dict[str, Any] = {"seq": event.seq, "updated_at": event.at}
     if isinstance(event, _REQUEST_EVENTS) and event.message_id is not None:
         changes["requests"] = (*state.requests, event.message_id)[-REMEMBERED_REQUESTS:]
+    if isinstance(event, SignalReceived):
+        changes["signals"] = {**state.signals, event.name: event.data}
+    elif isinstance(event, StepSucceeded) and event.signal is not None:
+        changes["signals"] = {k: v for k, v in state.signals.items() if k != event.signal}
+    elif isinstance(event, SagaDeadlinePassed):
+        changes["deadline_at"] = None
     if isinstance(event, StepEvent) and type(event) in _STEP_EVENT_TYPES:
         changes["steps"] = {**state.steps, event.step: _evolve_step(state, event)}
+        if isinstance(event, StepExpanded):
+            items = {item_name(event.step, i): _PENDING for i in range(event.count)}
+            changes["steps"] |= items
     changes.update(_evolve_saga(state, event))
     return state.model_copy(update=changes)
 
 
 _STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
-_REQUEST_EVENTS = (SagaAborted, CancelRejected, SagaResumed, RequestDenied)
+_REQUEST_EVENTS = (
+    SagaAborted,
+    CancelRejected,
+    SagaResumed,
+    RequestDenied,
+    SignalReceived,
+    SignalRejected,
+)
 """The events that answer an operator request, with its message id."""
 
 REMEMBERED_REQUESTS = 32
@@ -357,6 +412,9 @@ def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaSt
             started_at=event.at,
             updated_at=event.at,
             digest=event.digest,
+            deadline_at=event.deadline_at,
+            # A signal sent between a rejected start and a valid one is kept.
+            signals=state.signals if state is not None else {},
         )
     return SagaState(
         saga_id=event.saga_id,
@@ -397,18 +455,29 @@ def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
     u: dict[str, Any] = {"status": target}
     if isinstance(event, StepStarted):
         u |= {"attempt": event.attempt, "deadline_at": event.deadline_at, "retry_at": None}
+        u["wake_at"] = event.wake_at
         if step.started_at is None:
             u["started_at"] = at
         if step.status is StepStatus.STUCK:
             u |= {"budget_from": event.attempt - 1, "stuck_phase": None}
     elif isinstance(event, StepSucceeded):
         u |= {"output": event.output, "deadline_at": None, "finished_at": at, "error": None}
+        u["wake_at"] = None
+    elif isinstance(event, StepScheduled):
+        u |= {"wake_at": event.due_at}
+    elif isinstance(event, StepExpanded):
+        u |= {"wake_at": None, "started_at": at}
+    elif isinstance(event, StepSkipped):
+        u |= {"wake_at": None, "finished_at": at}
+    elif isinstance(event, ApprovalReminded):
+        u |= {"wake_at": event.next_at, "reminders": step.reminders + 1}
     elif isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
         u |= {"error": event.error, "deadline_at": None, "retry_at": event.retry_at}
         if isinstance(event, StepRetryScheduled) and event.error.type == "Timeout":
             u["uncertain"] = True
     elif isinstance(event, StepFailedEvent):
         u |= {"error": event.error, "deadline_at": None, "retry_at": None, "finished_at": at}
+        u["wake_at"] = None
     elif isinstance(event, StepTimedOut):
         u |= {
             "error": ErrorInfo(type="Timeout", message="outcome unknown: no reply by the deadline"),

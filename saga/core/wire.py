@@ -7,7 +7,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["SCHEMA_VERSION", "ErrorInfo", "IfExists", "JsonObject", "Phase", "WireMessage", "unset"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "UNVERIFIED",
+    "ErrorInfo",
+    "IfExists",
+    "JsonObject",
+    "Phase",
+    "WireMessage",
+    "unset",
+]
 
 SCHEMA_VERSION = 1
 """The schema version written by this release. Readers accept every version they know."""
@@ -16,6 +25,10 @@ Phase = Literal["action", "compensation"]
 """Whether a command or reply concerns a step's action or its compensation."""
 
 JsonObject = dict[str, Any]
+
+UNVERIFIED = " (unverified)"
+"""Appended by the coordinator to a request's claimed ``by`` when requests are not signed
+(`saga.runtime.gate`): the audit trail then says it is a claim."""
 
 IfExists = Literal["return", "refuse"]
 """The id-reuse policy of a start request for an id that already names a saga (`StartSaga`)."""

@@ -17,11 +17,13 @@ import anyio
 from saga.core.codec import ENGINE_LIMITS, decode, encode
 from saga.core.messages import (
     CancelSaga,
+    DecideApproval,
     EventBase,
     IfExists,
     Request,
     ResolveSaga,
     RetrySaga,
+    SignalSaga,
     StartSaga,
     event_adapter,
 )
@@ -252,6 +254,72 @@ class SagaClient:
         at = self.clock.now()
         message = ResolveSaga(
             message_id=new_saga_id(), saga_id=saga_id, note=note, at=at, by=self.actor
+        )
+        await self._send(message)
+        return seq
+
+    async def signal(
+        self, saga_id: str, name: str, data: Mapping[str, Any] | None = None
+    ) -> int:
+        """Delivers the signal ``name`` (with ``data``) to a saga: the ``wait`` step waiting
+        for it completes with ``data`` as its output; a signal that comes before the step
+        waits is kept for it. A signal the saga cannot take (it has ended, or its step has
+        finished) is recorded as ``signal_rejected``.
+
+        A signal may follow its saga's start at once: the two reach the coordinator in the
+        order they were sent (one saga's requests share a partition). One for an id that no
+        saga has by then is dead-lettered (``unknown_saga``).
+
+        Returns:
+            The saga's ``seq`` when asked (0 if it is not recorded yet; see `cancel`).
+        """
+        state = await self.status(saga_id)
+        seq = state.seq if state is not None else 0
+        message = SignalSaga(
+            message_id=new_saga_id(),
+            saga_id=saga_id,
+            name=name,
+            data=dict(data or {}),
+            at=self.clock.now(),
+            by=self.actor,
+        )
+        await self._send(message)
+        return seq
+
+    async def approve(self, saga_id: str, step: str, note: str = "") -> int:
+        """Approves the saga's ``approval`` step ``step`` (as this client's principal, which
+        must be one of its approvers).
+
+        Returns:
+            The saga's ``seq`` when asked (see `retry`).
+
+        Raises:
+            UnknownSaga: No coordinator has recorded a saga with that id.
+        """
+        return await self._decide(saga_id, step, True, note)
+
+    async def reject(self, saga_id: str, step: str, note: str = "") -> int:
+        """Rejects the saga's ``approval`` step ``step``: a business failure, so the saga
+        compensates.
+
+        Returns:
+            The saga's ``seq`` when asked (see `retry`).
+
+        Raises:
+            UnknownSaga: No coordinator has recorded a saga with that id.
+        """
+        return await self._decide(saga_id, step, False, note)
+
+    async def _decide(self, saga_id: str, step: str, approve: bool, note: str) -> int:
+        seq = await self._seq(saga_id)
+        message = DecideApproval(
+            message_id=new_saga_id(),
+            saga_id=saga_id,
+            step=step,
+            approve=approve,
+            note=note,
+            at=self.clock.now(),
+            by=self.actor,
         )
         await self._send(message)
         return seq

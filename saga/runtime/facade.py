@@ -104,6 +104,32 @@ class CoordinatorFacade:
         """
         return await self._client.resolve(saga_id, note)
 
+    async def signal(
+        self, saga_id: str, name: str, data: Mapping[str, Any] | None = None
+    ) -> int:
+        """Delivers a named signal to the saga (see `saga.runtime.client.SagaClient.signal`).
+
+        Returns:
+            The saga's ``seq`` when asked.
+        """
+        return await self._client.signal(saga_id, name, data)
+
+    async def approve(self, saga_id: str, step: str, note: str = "") -> int:
+        """Approves the saga's approval step ``step``.
+
+        Returns:
+            The saga's ``seq`` when asked.
+        """
+        return await self._client.approve(saga_id, step, note)
+
+    async def reject(self, saga_id: str, step: str, note: str = "") -> int:
+        """Rejects the saga's approval step ``step`` (the saga compensates).
+
+        Returns:
+            The saga's ``seq`` when asked.
+        """
+        return await self._client.reject(saga_id, step, note)
+
     async def status(self, saga_id: str) -> SagaState | None:
         """The saga's latest committed state (from memory if owned here, else the snapshots)."""
         return await self._client.status(saga_id)

@@ -37,15 +37,14 @@ from typing import Literal, Protocol, runtime_checkable
 from saga.core.definition import SagaDefinition
 from saga.core.messages import Reply, Request, StartSaga
 from saga.core.policy import Action, authorize, check_policy
+from saga.core.wire import UNVERIFIED
 from saga.runtime.ports import UNSEALED_HEADER, Outgoing, Record
 from saga.runtime.trust import UNSIGNED_WARNING, Trust, Unauthenticated
 
-__all__ = ["UNVERIFIED", "CoordinatorGate", "ParticipantGate", "Refusal"]
+__all__ = ["CoordinatorGate", "ParticipantGate", "Refusal"]
 
 log = logging.getLogger("saga.trust")
 
-UNVERIFIED = " (unverified)"
-"""Appended to a request's claimed ``by`` when requests are not signed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +124,17 @@ class CoordinatorGate(_Gate):
             self.trust.policy,
             known_principals=self.trust.keyring.principals(),
             saga_names={d.name for d in found},
-            services={s.service for d in found for s in d.steps},
+            services={s for d in found for s in d.services},
         )
         log.info("messages are signed and checked: %s", self.trust.describe())
 
     def request(
-        self, message: Request, sender: str | None, saga_name: str | None, now: float
+        self,
+        message: Request,
+        sender: str | None,
+        saga_name: str | None,
+        now: float,
+        step: str | None = None,
     ) -> tuple[Request, Refusal | None]:
         """The request with its ``by`` set to who sent it, and why it is refused, if it is.
 
@@ -141,6 +145,8 @@ class CoordinatorGate(_Gate):
                 (``None`` for a request about an id with no saga: only starts are checked
                 against the policy without one; the rest name no saga to be allowed on).
             now: The coordinator's clock.
+            step: The step a signal or an approval decision is for (a signal's: the step
+                that waits for it), as the policy's rules name steps.
         """
         if self.trust is None or sender is None:
             claimed = f"{message.by}{UNVERIFIED}" if message.by else None
@@ -157,8 +163,8 @@ class CoordinatorGate(_Gate):
         name = message.saga_name if isinstance(message, StartSaga) else saga_name
         if name is None:
             return stamped, None  # no saga: the coordinator dead-letters it as unknown
-        action: Action = message.type
-        why = authorize(policy, sender, action, name)
+        action: Action = "approve" if message.type == "approval" else message.type
+        why = authorize(policy, sender, action, name, step)
         return stamped, (Refusal("forbidden", why) if why is not None else None)
 
     def reply(
@@ -171,7 +177,7 @@ class CoordinatorGate(_Gate):
             return None  # `decide` rejects a reply for a step the saga has not
         service = definition.step(reply.step).service
         assert self.trust.policy is not None
-        if self.trust.policy.speaks_for(sender, service):
+        if service is not None and self.trust.policy.speaks_for(sender, service):
             return None
         return Refusal(
             "forbidden",
@@ -193,6 +199,8 @@ class ParticipantGate(_Gate):
                 "development",
                 service,
             )
+        else:
+            log.info("service %r: commands are checked: %s", service, self.trust.describe())
 
     def command(self, sender: str | None) -> Refusal | None:
         """Why a command signed by ``sender`` is refused: it is not a coordinator."""

@@ -36,9 +36,11 @@ from saga.core.definition import SagaDefinition
 from saga.core.messages import (
     Alert,
     Checkpoint,
+    DecideApproval,
     ErrorInfo,
     Reply,
     Request,
+    SignalSaga,
     Snapshot,
     StartSaga,
     reply_adapter,
@@ -250,6 +252,11 @@ class OwnedPartition:
         for saga_id in self.due(now):
             state = batch.states.get(saga_id) or self.states[saga_id]
             definition = catalog.for_state(state)
+            if definition is None:
+                log.error(
+                    "saga %s: its timer cannot be decided: %s", saga_id, catalog.missing(state)
+                )
+                continue
             try:
                 decision = decide(definition, state, Tick(saga_id, now), now)
             except SagaError as exc:
@@ -310,9 +317,10 @@ class OwnedPartition:
         if record.key != saga_id.encode():
             self._dead(batch, record, "wrong_key", f"key {record.key!r} is not the saga id")
             return
-        if self.partition_count and (
-            home := self._partition_for(record.key, self.partition_count)
-        ) != record.partition:
+        if (
+            self.partition_count
+            and (home := self._partition_for(record.key, self.partition_count)) != record.partition
+        ):
             # Its saga lives on another partition (a foreign partitioner, or a signed record
             # copied to another partition: the partition is not signed).
             detail = f"saga {saga_id!r} belongs on partition {home}, not {record.partition}"
@@ -330,6 +338,9 @@ class OwnedPartition:
             return
         else:
             definition = catalog.for_state(state)
+            if definition is None and (why := catalog.missing(state)) is not None:
+                self._dead(batch, record, "undecidable", why)
+                return
         if isinstance(message, Reply):
             refusal = self.gate.reply(message, sender, definition)
             if refusal is not None:
@@ -338,7 +349,7 @@ class OwnedPartition:
                 return
         elif not isinstance(message, Tick):
             message, refusal = self.gate.request(
-                message, sender, state.name if state else None, now
+                message, sender, state.name if state else None, now, _step_of(message, definition)
             )
             if refusal is not None:
                 self._refuse_request(batch, record, state, message, refusal, now)
@@ -423,6 +434,8 @@ class OwnedPartition:
             topic, headers = t.commands(command.service), self.observer.headers(command)
             records.append(self.gate.sign(Outgoing(topic, key, encode(command), headers)))
         records += [Outgoing(t.alerts, key, encode(alert)) for alert in decision.alerts]
+        # The outbox: what the saga publishes as it ends is in the transaction of its end.
+        records += [Outgoing(o.topic, o.key, o.value) for o in decision.outcomes]
         snap = Snapshot(saga_id=state.saga_id, state=state.model_dump(mode="json"))
         snapshot = Outgoing(t.snapshots, key, encode(snap), partition=n)
         for r in (*records, snapshot):
@@ -468,6 +481,16 @@ class OwnedPartition:
         dead.log()
         batch.dead.append(dead)
         batch.records.append(dead.outgoing(self.topics.dlq))
+
+
+def _step_of(message: Request, definition: SagaDefinition | None) -> str | None:
+    """The step a signal or an approval decision is for, as the policy names steps."""
+    if isinstance(message, DecideApproval):
+        return message.step
+    if isinstance(message, SignalSaga) and definition is not None:
+        waiting = definition.waits_for(message.name)
+        return waiting.name if waiting is not None else None
+    return None
 
 
 def _opened(record: Record) -> Record:

@@ -69,6 +69,16 @@ EVENTS: list[BaseModel] = [
     m.CancelRejected(**BASE, reason="the pivot has started"),
     m.CancelRejected(**BASE, reason="too late", message_id="m9", by="alice"),
     m.RequestDenied(**BASE, request="retry", message_id="m8", by="mallory", reason="no rule"),
+    m.StepScheduled(**BASE, step="deliver", attempt=0, due_at=9.5),
+    m.StepExpanded(**BASE, step="dishes", attempt=0, count=3),
+    m.StepSkipped(**BASE, step="vet", attempt=0, reason="condition is false"),
+    m.ApprovalReminded(
+        **BASE, step="ok", attempt=1, escalated=True, recipients=["boss"], next_at=None
+    ),
+    m.SignalReceived(**BASE, name="cooked", data={"by": "chef"}, message_id="s1", by="kitchen"),
+    m.SignalRejected(**BASE, name="cooked", reason="the saga is completed", message_id="s2"),
+    m.SagaDeadlinePassed(**BASE, compensating=True),
+    m.StepSucceeded(**BASE, step="wait", attempt=1, output={"x": 1}, signal="cooked"),
 ]
 REQUESTS: list[BaseModel] = [
     m.StartSaga(message_id="m1", saga_id="saga-1", saga_name="order", input={"a": 1}, at=1.0),
@@ -79,6 +89,10 @@ REQUESTS: list[BaseModel] = [
     m.CancelSaga(message_id="m3", saga_id="saga-1", reason="changed my mind", at=2.0),
     m.RetrySaga(message_id="m4", saga_id="saga-1", at=3.0),
     m.RetrySaga(message_id="m6", saga_id="saga-1", at=3.0, reason="db back", by="alice"),
+    m.SignalSaga(message_id="m7", saga_id="saga-1", name="cooked", data={"n": 1}, at=5.0),
+    m.DecideApproval(
+        message_id="m8", saga_id="saga-1", step="ok", approve=False, note="too big", at=6.0
+    ),
     m.ResolveSaga(message_id="m5", saga_id="saga-1", note="done by hand", at=4.0),
 ]
 OTHERS: list[BaseModel] = [

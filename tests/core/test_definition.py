@@ -469,9 +469,18 @@ def test_python_definitions_are_checked_too() -> None:
 
 def test_schema_missing_field_names_the_step() -> None:
     step = _s("pay")
+    del step["name"]
+    problems = _problems(_data(_s("a"), step))
+    assert problems == ("saga 's', step '#1': [schema] name: Field required",)
+
+
+def test_a_command_step_without_its_service_names_the_step() -> None:
+    step = _s("pay")
     del step["service"]
     problems = _problems(_data(_s("a"), step))
-    assert problems == ("saga 's', step 'pay': [schema] service: Field required",)
+    assert problems == (
+        "saga 's', step 'pay': [step-work] a step with an action needs the service that runs it",
+    )
 
 
 @pytest.mark.parametrize(

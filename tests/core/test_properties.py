@@ -15,11 +15,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saga.core.definition import DependencyType, RetryPolicy, SagaDefinition, Step, StepKind
+from saga.core.decide import next_due
+from saga.core.definition import (
+    Approval,
+    DependencyType,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    StepKind,
+)
 from saga.core.messages import (
     CompensationStarted,
     CompensationSucceeded,
+    DecideApproval,
+    SignalSaga,
     StepFailedEvent,
+    StepScheduled,
     StepStarted,
     StepSucceeded,
 )
@@ -252,3 +263,139 @@ def test_random_defects_are_rejected_with_their_rule(
     with pytest.raises(DefinitionError) as info:
         SagaDefinition.from_dict(raw)
     assert any(DEFECTS[defect] in p for p in info.value.problems), info.value.problems
+
+
+# -- with the steps that wait: timers, signals, approvals, conditions ------------------------
+
+
+@st.composite
+def waiting_definitions(draw: st.DrawFn) -> SagaDefinition:
+    """`definitions`, with some steps delayed or conditional, and some compensatable ones
+    turned into ``wait``, ``approval`` or fan-out (``for_each``) steps; a deadline
+    sometimes."""
+    base = draw(definitions())
+    steps = []
+    for i, s in enumerate(base.steps):
+        extra: dict[str, Any] = {}
+        if draw(st.integers(0, 3)) == 0:
+            extra["delay"] = draw(st.sampled_from([0.0, 1.0, 30.0]))
+        if draw(st.integers(0, 3)) == 0:
+            extra["when"] = f"$.input.k > {draw(st.integers(0, 2))}"
+        work = draw(st.integers(0, 5)) if s.kind is StepKind.COMPENSATABLE else 9
+        if work == 0:
+            extra |= {"service": None, "action": None, "compensation": None, "wait": f"sig{i}"}
+        elif work == 1:
+            approval = Approval(approvers=("ann",), remind_after=draw(st.sampled_from([1.0, 4.0])))
+            extra |= {"service": None, "action": None, "compensation": None, "approval": approval}
+        elif work == 2:
+            extra |= {"for_each": "$.input.xs", "max_parallel": draw(st.integers(1, 2))}
+        steps.append(s.model_copy(update=extra))
+    deadline = draw(st.one_of(st.none(), st.sampled_from([5.0, 50.0])))
+    # Rebuilt through the constructor, so that the rules check the changed steps.
+    return SagaDefinition(name="waiting", steps=steps, deadline=deadline)
+
+
+def run_waiting(drv: Driver, data: st.DataObject, budget: int = 120) -> None:
+    """`run`'s schedule, with signals and decisions (approve, reject, by a stranger) mixed in,
+    then a fair end: every waiting step gets its signal or its approval."""
+    waits = [s for s in drv.definition.steps if s.wait is not None]
+    approvals = [s for s in drv.definition.steps if s.approval is not None]
+    sent = 0
+
+    def signal(sd: Step) -> None:
+        nonlocal sent
+        sent += 1
+        assert sd.wait is not None
+        drv.send(SignalSaga(message_id=f"sig{sent}", saga_id=drv.saga_id, name=sd.wait, at=drv.now))
+
+    def decide_on(sd: Step, approve: bool, by: str) -> None:
+        nonlocal sent
+        sent += 1
+        m = DecideApproval(
+            message_id=f"dec{sent}",
+            saga_id=drv.saga_id,
+            step=sd.name,
+            approve=approve,
+            at=drv.now,
+            by=by,
+        )
+        drv.send(m)
+
+    for _ in range(budget):
+        assert drv.state is not None
+        if drv.state.is_final:
+            return
+        move = data.draw(st.sampled_from(["reply", "reply", "signal", "decide", "tick"]))
+        if move == "signal" and waits:
+            signal(data.draw(st.sampled_from(waits)))
+        elif move == "decide" and approvals:
+            sd = data.draw(st.sampled_from(approvals))
+            if drv.state.steps[sd.name].status is StepStatus.RUNNING:
+                decide_on(sd, data.draw(st.booleans()), data.draw(st.sampled_from(["ann", "eve"])))
+        elif move == "reply" and drv.inflight:
+            command = drv.inflight.pop(data.draw(st.integers(0, len(drv.inflight) - 1)))
+            drv.reply(command, data.draw(st.sampled_from(["ok", "ok", "business", "technical"])))
+        elif next_due(drv.state) is not None:
+            drv.tick_due()
+    for _ in range(400):
+        assert drv.state is not None
+        if drv.state.is_final:
+            return
+        running = [s for s in approvals if drv.state.steps[s.name].status is StepStatus.RUNNING]
+        waiting = [s for s in waits if drv.state.steps[s.name].status is StepStatus.RUNNING]
+        if drv.inflight:
+            drv.reply(drv.inflight.pop(0))
+        elif running:
+            decide_on(running[0], True, "ann")
+        elif waiting:
+            signal(waiting[0])
+        else:
+            drv.tick_due()
+    raise AssertionError(f"saga did not end: {drv.state}")
+
+
+@SETTINGS
+@given(waiting_definitions(), st.integers(0, 3), st.integers(0, 3), st.data())
+def test_sagas_with_waiting_steps_terminate_with_a_legal_trace(
+    d: SagaDefinition, k: int, n: int, data: st.DataObject
+) -> None:
+    drv = Driver(d)
+    drv.start({"k": k, "xs": list(range(n))})
+    run_waiting(drv, data)
+    state = drv.state
+    assert state is not None
+    compensated = {e.step for e in drv.events if isinstance(e, CompensationStarted)}
+    # Only steps with an effect are ever compensated, and only if they started.
+    started = {e.step for e in drv.events if isinstance(e, StepStarted)}
+    assert all(d.step(s).has_effect and s in started for s in compensated)
+    # Skipped steps never started; steps with a false condition were skipped.
+    for name, ss in state.steps.items():
+        sd = d.step(name)
+        if ss.status is StepStatus.SKIPPED:
+            assert name not in started
+        if sd.when is not None and name in started:
+            assert k > int(sd.when.rsplit(" ", 1)[1])
+    # No step started before its timer fired.
+    scheduled = {e.step: e.due_at for e in drv.events if isinstance(e, StepScheduled)}
+    for e in drv.events:
+        if isinstance(e, StepStarted) and e.step in scheduled and e.attempt == 1:
+            assert e.at >= scheduled[e.step]
+    if state.status is SagaStatus.COMPLETED:
+        assert all(
+            s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for s in state.steps.values()
+        )
+    # A fan-out's output lists its items' outputs, in order.
+    for sd in d.steps:
+        if sd.for_each is not None and state.steps[sd.name].status is StepStatus.SUCCEEDED:
+            items = [state.steps[f"{sd.name}[{i}]"].output for i in range(n)]
+            assert state.steps[sd.name].output == {"items": items}
+    if state.status is SagaStatus.COMPENSATED:
+        for name, ss in state.steps.items():
+            if d.step(name).for_each is not None and "[" not in name:
+                continue  # a fan-out is undone item by item
+            assert ss.status in (
+                StepStatus.PENDING,
+                StepStatus.SKIPPED,
+                StepStatus.FAILED,
+                StepStatus.COMPENSATED,
+            ) or (ss.status is StepStatus.SUCCEEDED and not d.step(name).has_effect), name

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from saga.core.messages import (
+    ApprovalReminded,
     CancelRejected,
     CompensationResolved,
     CompensationRetryScheduled,
@@ -21,15 +22,21 @@ from saga.core.messages import (
     SagaAborted,
     SagaCompensated,
     SagaCompleted,
+    SagaDeadlinePassed,
     SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    SignalReceived,
+    SignalRejected,
     StartIgnored,
     StartRefused,
+    StepExpanded,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
+    StepScheduled,
+    StepSkipped,
     StepStarted,
     StepStuck,
     StepSucceeded,
@@ -89,6 +96,10 @@ STEP_EVENT_FIELDS: dict[type[EventBase], dict[str, Any]] = {
     CompensationRetryScheduled: {"attempt": 1, "error": BOOM, "retry_at": 300.0},
     StepResolved: {"attempt": 1, "note": "by hand"},
     CompensationResolved: {"attempt": 1, "note": "by hand"},
+    StepScheduled: {"attempt": 0, "due_at": 900.0},
+    StepExpanded: {"attempt": 0, "count": 2},
+    StepSkipped: {"attempt": 0, "reason": "condition is false"},
+    ApprovalReminded: {"attempt": 1, "escalated": False, "recipients": ["ann"], "next_at": None},
 }
 STEP_EVENTS = list(STEP_EVENT_FIELDS)
 SAGA_EVENT_FIELDS: dict[type[EventBase], dict[str, Any]] = {
@@ -102,6 +113,9 @@ SAGA_EVENT_FIELDS: dict[type[EventBase], dict[str, Any]] = {
     StartRefused: {"message_id": "m", "reason": "exists", "differs": ["input"]},
     CancelRejected: {"reason": "too late"},
     RequestDenied: {"request": "retry", "message_id": "m", "by": "mallory", "reason": "no rule"},
+    SagaDeadlinePassed: {"compensating": True},
+    SignalReceived: {"name": "cooked", "data": {"x": 1}, "message_id": "s"},
+    SignalRejected: {"name": "cooked", "reason": "ended", "message_id": "s"},
 }
 
 
@@ -114,6 +128,8 @@ def test_the_tables_cover_every_step_event_and_no_other() -> None:
 
 A_HISTORIES: dict[StepStatus, list[tuple[type[EventBase], dict[str, Any]]]] = {
     StepStatus.PENDING: [],
+    StepStatus.SCHEDULED: [(StepScheduled, {"step": "a", "attempt": 0, "due_at": 200.0})],
+    StepStatus.SKIPPED: [(StepSkipped, {"step": "a", "attempt": 0, "reason": "no"})],
     StepStatus.RUNNING: [(StepStarted, {"step": "a", "attempt": 1, "deadline_at": 130.0})],
     StepStatus.RETRYING: [
         (StepStarted, {"step": "a", "attempt": 1, "deadline_at": 130.0}),
@@ -171,7 +187,7 @@ def test_every_step_status_is_reachable_by_a_realistic_history() -> None:
 
 def _saga_status_for(kind: type[EventBase], state: SagaState) -> SagaStatus:
     """A saga status in which ``kind`` is not ruled out by the saga's own status."""
-    if kind is StepStarted:
+    if kind in (StepStarted, StepScheduled, StepExpanded):
         return SagaStatus.RUNNING
     if kind is CompensationStarted:
         return SagaStatus.COMPENSATING
