@@ -43,6 +43,7 @@ from saga.core.state import SagaState
 from saga.errors import Fenced, TopologyChanged, TransportError, Unauthorized
 from saga.runtime.catalog import Catalog
 from saga.runtime.client import SagaClient
+from saga.runtime.definitions import DefinitionStore, published_digests
 from saga.runtime.dlq import DeadLetter
 from saga.runtime.facade import CoordinatorFacade
 from saga.runtime.gate import CoordinatorGate
@@ -59,6 +60,7 @@ from saga.runtime.ports import (
 )
 from saga.runtime.retention import Retention
 from saga.runtime.splitting import Trouble, partitions_of
+from saga.runtime.triggers import TriggerRelay, subscriptions
 from saga.runtime.trust import Trust
 
 __all__ = ["AlertHook", "Coordinator", "CoordinatorStats"]
@@ -103,8 +105,11 @@ class Coordinator(CoordinatorFacade):
 
     Args:
         definitions: The sagas this coordinator can run. Several versions of one name may be
-            given: new sagas use the highest, and a running saga keeps its own version only
-            while that version is still given here (see `saga.runtime.catalog.Catalog`).
+            given: new sagas use the highest. They are published to the definitions topic on
+            start (`saga.runtime.definitions`; a different content under a published name and
+            version refuses the start), and a running saga is decided with the exact
+            definition it started on, from here or from that topic (see
+            `saga.runtime.catalog.Catalog`).
         transport: The broker.
         prefix: Topic name prefix.
         partitions: Partition count used when creating the topics.
@@ -160,6 +165,19 @@ class Coordinator(CoordinatorFacade):
         self.observer: Observer = observer or NullObserver()
         self.observer.watch_in_flight(self._in_flight)
         self.catalog = Catalog(definitions)
+        self.definition_store = DefinitionStore(transport, self.topics, clock=self.clock)
+        # Built here, not in `run`: a trigger that breaks a rule fails the construction.
+        self._relay = TriggerRelay(
+            transport,
+            subscriptions(self.catalog.all()),
+            prefix=prefix,
+            partitions=partitions,
+            clock=self.clock,
+            sign=self.gate.sign,
+            observer=self.observer,
+            limits=limits,
+            max_record_bytes=max_record_bytes,
+        )
         self._parts: dict[int, OwnedPartition] = {}
         self._trouble: dict[int, Trouble] = {}
         self._lost: set[int] = set()
@@ -215,7 +233,9 @@ class Coordinator(CoordinatorFacade):
         t = self.topics
         names = [t.requests, t.replies, t.log, t.snapshots, t.dlq, t.alerts]
         names += [t.commands(s) for s in self.catalog.services()]
+        names += sorted({o.topic for d in self.catalog.all() for o in d.outcomes})
         await self.transport.ensure_topics(names, self.partition_count, compacted=[t.snapshots])
+        await self.definition_store.ensure_topic()
         counts = {n: await self.transport.partitions(n) for n in (t.requests, t.replies, t.log)}
         if len(set(counts.values())) != 1:
             raise TransportError(
@@ -239,6 +259,18 @@ class Coordinator(CoordinatorFacade):
         """Serves until cancelled: polls inputs, decides, commits, fires timers."""
         self.gate.start_up(self.catalog.all())
         await self.ensure_topics()
+        # Versioning: publish our definitions (a conflict refuses the start) and learn every
+        # version ever published, so that each saga finishes on the one it started on.
+        own = self.catalog.all()
+        await self.definition_store.publish(own, by="coordinator")
+        self.catalog = Catalog(own, published_digests(await self.definition_store.read()))
+        async with anyio.create_task_group() as tg:
+            if self._relay.sources:  # sagas started by the events of other services' topics
+                await tg.start(self._relay.run)
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
+        """The loop: polls requests and replies, decides, commits, fires timers."""
         t = self.topics
         async with self.transport.consumer(
             t.coordinator_group, [t.requests, t.replies], listener=self
