@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from saga.cli import inspect, keys, operate, sagas, serve
+from saga.cli import deploy, inspect, keys, operate, sagas, serve
 from saga.cli.common import CliError, Handler, common_options, load_app
 from saga.errors import (
     ConfigurationError,
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(prog="saga", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (serve, sagas, operate, inspect, keys):
+    for family in (serve, sagas, operate, inspect, keys, deploy):
         family.add_commands(sub, common)
     return parser
 

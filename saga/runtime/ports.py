@@ -127,6 +127,12 @@ class Topics:
         """Stuck sagas."""
         return f"{self.prefix}.alerts"
 
+    @property
+    def definitions(self) -> str:
+        """Every published saga definition, keyed ``name@version`` (compacted;
+        `saga.runtime.definitions`)."""
+        return f"{self.prefix}.definitions"
+
     def commands(self, service: str) -> str:
         """One service's command topic."""
         return f"{self.prefix}.commands.{service}"
