@@ -38,7 +38,6 @@ from anyio.abc import TaskStatus
 
 from saga.adapters.memory import MemoryBroker, MemoryTransport
 from saga.core.codec import ENGINE_LIMITS, decode
-from saga.core.decide import next_due
 from saga.core.definition import SagaDefinition
 from saga.core.messages import Alert, EventBase, event_adapter
 from saga.core.state import SagaState, StepStatus
@@ -402,8 +401,10 @@ class SagaHarness:
             idle_rounds += 1
             if idle_rounds < 3:
                 continue
-            # A final saga has no timers: only a request (a retry, a resolve) moves it on.
-            due = next_due(state) if state is not None and not state.is_final else None
+            # The earliest timer of any saga, not only this one's: a sub-saga, or another saga
+            # this one waits for (a signal it sends), may be due first. A final saga has no
+            # timers: only a request (a retry, a resolve) moves it on.
+            due = self.coordinator.next_timer()
             if due is None or due > limit:
                 where = state.status.value if state else "not started"
                 if state is not None:

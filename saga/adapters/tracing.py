@@ -68,6 +68,7 @@ from saga.core.messages import (
     SagaCompleted,
     SagaStarted,
     SagaStuck,
+    StartSaga,
     StepFailedEvent,
     StepRetryScheduled,
     StepStuck,
@@ -270,6 +271,10 @@ class OpenTelemetryObserver:
         if isinstance(message, Command):
             span = command_span_id(message.saga_id, message.step, message.phase, message.attempt)
             return _inject(_remote(trace_id_for(message.saga_id), span))
+        if isinstance(message, StartSaga) and message.parent is not None:
+            # A sub-saga's start: the child's root span links to its parent's trace.
+            parent = message.parent.saga_id
+            return _inject(_remote(trace_id_for(parent), root_span_id(parent)))
         return _inject()
 
     @contextmanager

@@ -41,6 +41,7 @@ __all__ = [
     "table_view",
     "timeline",
     "trace_view",
+    "tree_line",
 ]
 
 _WITH_ERROR = (StepRetryScheduled, StepFailedEvent, StepStuck, CompensationRetryScheduled)
@@ -70,6 +71,11 @@ def status(state: SagaState) -> str:
     for name, step, attempts, result in _steps(state):
         lines.append(f"{name:<16} {step:<22} {attempts:>8}  {result}")
     return "\n".join(lines)
+
+
+def tree_line(depth: int, state: SagaState) -> str:
+    """One sub-saga in `saga status`'s tree, indented by its depth."""
+    return f"{'  ' * depth}└ {state.saga_id}  {state.name}  {state.status.value}"
 
 
 def status_view(state: SagaState) -> RenderableType:

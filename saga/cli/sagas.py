@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Group
@@ -12,7 +12,10 @@ from rich.text import Text
 
 from saga.cli import render
 from saga.cli.common import CliError, client, out, show_final, wait_final
-from saga.core.state import SagaStatus
+from saga.core.state import SagaState, SagaStatus
+
+if TYPE_CHECKING:
+    from saga.runtime.client import SagaClient
 from saga.errors import SagaExists
 
 __all__ = ["add_commands"]
@@ -84,18 +87,41 @@ async def _start(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     async with client(args) as c:
         state = await c.status(args.saga_id)
-    if state is None:
-        raise CliError(
-            f"no saga {args.saga_id!r} under prefix {args.prefix!r}: check the id and --prefix"
-        )
+        if state is None:
+            raise CliError(
+                f"no saga {args.saga_id!r} under prefix {args.prefix!r}: check the id and --prefix"
+            )
+        tree = await _children(c, state)
     from saga.views.jaeger import trace_url
 
     link = trace_url(state.saga_id)
-    data = {**state.model_dump(mode="json"), "trace_url": link}
+    data = {
+        **state.model_dump(mode="json"),
+        "trace_url": link,
+        "children": [{"depth": d, **s.model_dump(mode="json")} for d, s in tree],
+    }
     line = f"trace     {link}"
-    view = Group(render.status_view(state), Text(""), Text(line))
-    out(args, data, f"{render.status(state)}\n\n{line}", view)
+    lines = [line, *(render.tree_line(d, s) for d, s in tree)]
+    text = "\n".join(lines)
+    view = Group(render.status_view(state), Text(""), Text(text))
+    out(args, data, f"{render.status(state)}\n\n{text}", view)
     return 0
+
+
+async def _children(
+    c: SagaClient, state: SagaState, depth: int = 1, limit: int = 100
+) -> list[tuple[int, SagaState]]:
+    """The sub-sagas of ``state``'s steps, depth first (``limit`` at most, in case of a very
+    wide tree)."""
+    found: list[tuple[int, SagaState]] = []
+    for step in state.steps.values():
+        if step.child is None or len(found) >= limit:
+            continue
+        child = await c.status(step.child)
+        if child is not None:
+            found.append((depth, child))
+            found += await _children(c, child, depth + 1, limit - len(found))
+    return found
 
 
 async def _list(args: argparse.Namespace) -> int:

@@ -54,16 +54,17 @@ first attempt and its retry both take effect.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from saga.core import primitives, schedule
+from saga.core import primitives, schedule, subsagas
 from saga.core.definition import SagaDefinition
 from saga.core.messages import (
     Alert,
     CancelRejected,
     CancelSaga,
     Command,
+    CompensateSaga,
     DecideApproval,
     EventBase,
     Reply,
@@ -71,6 +72,7 @@ from saga.core.messages import (
     RequestDenied,
     ResolveSaga,
     RetrySaga,
+    SagaCompensationAsked,
     SagaRejected,
     SagaStuck,
     SignalSaga,
@@ -106,11 +108,21 @@ class Tick:
 
 
 Input = (
-    StartSaga | CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval | Reply | Tick
+    StartSaga
+    | CancelSaga
+    | RetrySaga
+    | ResolveSaga
+    | SignalSaga
+    | DecideApproval
+    | CompensateSaga
+    | Reply
+    | Tick
 )
 """Everything that can make a saga move."""
 
-InputKind = Literal["start", "cancel", "retry", "resolve", "signal", "approval", "reply", "timer"]
+InputKind = Literal[
+    "start", "cancel", "retry", "resolve", "signal", "approval", "compensate", "reply", "timer"
+]
 """What kind of input a decision answered (`input_kind`)."""
 
 
@@ -133,6 +145,11 @@ class Decision:
     alerts: tuple[Alert, ...] = ()
     outcomes: tuple[OutcomeRecord, ...] = ()
     """The outcome events its saga publishes (it has just ended; `saga.core.triggers`)."""
+    requests: tuple[Request, ...] = ()
+    """Requests to other sagas: a sub-saga's start, or its compensation
+    (`saga.core.subsagas`)."""
+    replies: tuple[Reply, ...] = ()
+    """A sub-saga's replies to its parent's step."""
     rejected: str | None = None
     """Why the input does not fit the saga: it belongs in the dead-letter topic."""
     ignored: str | None = None
@@ -153,6 +170,19 @@ def decide(
         message: The input.
         now: The current time, in seconds since the epoch.
     """
+    decision = _decide(definition, state, message, now)
+    replies = subsagas.replies_to_parent(decision.state, decision.events)
+    if replies:
+        decision = replace(decision, replies=(*decision.replies, *replies))
+    return decision
+
+
+def _decide(
+    definition: SagaDefinition | None,
+    state: SagaState | None,
+    message: Input,
+    now: float,
+) -> Decision:
     rejected = state is not None and state.status is SagaStatus.REJECTED
     if isinstance(message, StartSaga):
         if state is not None and not rejected:
@@ -169,6 +199,7 @@ def decide(
                 input=message.input,
                 reason=reason,
                 by=message.by,
+                parent=message.parent,
             )
     elif state is not None and message_id(message) in state.requests:
         return Decision(state, ignored=f"request {message_id(message)} was already answered")
@@ -199,13 +230,18 @@ def _decided(plan: Plan) -> Decision:
         commands=tuple(plan.commands),
         alerts=tuple(plan.alerts),
         outcomes=tuple(outcomes),
+        requests=tuple(plan.requests),
+        replies=tuple(plan.replies),
     )
+
+
+_REMEMBERED = (CancelSaga, RetrySaga, ResolveSaga, SignalSaga, DecideApproval, CompensateSaga)
 
 
 def message_id(message: Input) -> str | None:
     """The message id of an operator request (cancel, retry, resolve), else ``None``: what
     `SagaState.requests` remembers, so that a request answered once is ignored after."""
-    if isinstance(message, CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval):
+    if isinstance(message, _REMEMBERED):
         return message.message_id
     return None
 
@@ -331,6 +367,16 @@ def _after_rejection(state: SagaState, message: Input, now: float) -> Decision:
         return Decision(state, ignored=f"saga {state.saga_id!r} is rejected, not stuck")
     if isinstance(message, SignalSaga | DecideApproval):
         return Decision(state, rejected=f"saga {state.saga_id!r} was rejected: nothing waits")
+    if isinstance(message, CompensateSaga):
+        # Nothing ran: compensated already (`subsagas.replies_to_parent` answers the parent).
+        return _record(
+            state,
+            SagaCompensationAsked,
+            now,
+            attempt=message.parent.attempt,
+            message_id=message.message_id,
+            by=message.by,
+        )
     if isinstance(message, Reply):
         return Decision(
             state,
@@ -358,6 +404,8 @@ def _react(plan: Plan, message: Input) -> tuple[str, str] | None:
         return primitives.on_signal(plan, message)
     if isinstance(message, DecideApproval):
         return primitives.on_approval(plan, message)
+    if isinstance(message, CompensateSaga):
+        return subsagas.on_compensate(plan, message)
     return plan.on_retry(message)
 
 

@@ -202,6 +202,11 @@ class Step(BaseModel):
     approval: Approval | None = None
     """An ``approval`` step: who decides, and when they are reminded; a rejection (or the
     final ``timeout``) is a business failure."""
+    saga: str | None = Field(default=None, min_length=1, max_length=100, pattern=_NAME)
+    """A sub-saga step: the name of the saga it starts, with the step's input as that saga's
+    input; it completes with the child's outcome (its output: the child's id and outputs; a
+    child that compensated is a business failure), and compensating it compensates the child.
+    Its ``timeout`` is how long the parent waits; retries do not apply (the child runs once)."""
     when: str | None = None
     """A condition over the saga's data (`saga.core.conditions`), checked when the step could
     start: when it is false the step is skipped (finished for its dependants, never
@@ -246,13 +251,15 @@ class Step(BaseModel):
             return "wait"
         if self.approval is not None:
             return "approval"
+        if self.saga is not None:
+            return "saga"
         return "command"
 
     @property
     def has_effect(self) -> bool:
         """Whether running the step changes something a compensation must undo (a command);
         waiting for a signal or a decision changes nothing."""
-        return self.kind_of_work == "command"
+        return self.kind_of_work in ("command", "saga")
 
     @field_validator("depends_on", mode="before")
     @classmethod

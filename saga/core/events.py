@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from saga.core.wire import ErrorInfo, JsonObject, Phase, WireMessage, unset
+from saga.core.wire import ErrorInfo, JsonObject, ParentRef, Phase, WireMessage, unset
 
 __all__ = [
     "ApprovalReminded",
@@ -26,6 +26,7 @@ __all__ = [
     "RequestDenied",
     "SagaAborted",
     "SagaCompensated",
+    "SagaCompensationAsked",
     "SagaCompleted",
     "SagaDeadlinePassed",
     "SagaRejected",
@@ -82,6 +83,8 @@ class SagaStarted(EventBase):
     in records written before digests)."""
     deadline_at: float | None = Field(default=None, exclude_if=unset)
     """When the saga should have ended (its definition's ``deadline`` after the start)."""
+    parent: ParentRef | None = Field(default=None, exclude_if=unset)
+    """The step that started it as a sub-saga, which its outcome is replied to."""
     by: str | None = Field(default=None, exclude_if=unset)
     """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
@@ -103,6 +106,8 @@ class SagaRejected(EventBase):
     input: JsonObject
     """The request's input."""
     reason: str
+    parent: ParentRef | None = Field(default=None, exclude_if=unset)
+    """The step that asked for it as a sub-saga (its failure is replied to it)."""
     by: str | None = Field(default=None, exclude_if=unset)
     """Who asked (the request's verified principal; ``None`` in records written before it)."""
 
@@ -142,6 +147,8 @@ class StepStarted(StepEvent):
     deadline_at: float
     wake_at: float | None = Field(default=None, exclude_if=unset)
     """An ``approval`` step's first reminder (or escalation), if it has one."""
+    child: str | None = Field(default=None, exclude_if=unset)
+    """A sub-saga step's child saga (its id)."""
 
 
 class StepSucceeded(StepEvent):
@@ -343,6 +350,17 @@ class SagaDeadlinePassed(EventBase):
     compensating: bool
 
 
+class SagaCompensationAsked(EventBase):
+    """The saga's parent compensates the step that started it: this saga is compensated (a
+    `SagaAborted` follows when it can be), and tells the parent's compensation attempt
+    ``attempt`` when it is."""
+
+    type: Literal["saga_compensation_asked"] = "saga_compensation_asked"
+    attempt: int
+    message_id: str
+    by: str | None = Field(default=None, exclude_if=unset)
+
+
 class RequestDenied(EventBase):
     """A signed request that the authorization policy refused (`saga.core.policy`): recorded
     so that the audit trail shows refused attempts next to accepted ones. Nothing changed."""
@@ -386,6 +404,7 @@ Event = Annotated[
     | ApprovalReminded
     | SignalReceived
     | SignalRejected
-    | SagaDeadlinePassed,
+    | SagaDeadlinePassed
+    | SagaCompensationAsked,
     Field(discriminator="type"),
 ]

@@ -38,6 +38,7 @@ from saga.core.events import (
     RequestDenied,
     SagaAborted,
     SagaCompensated,
+    SagaCompensationAsked,
     SagaCompleted,
     SagaDeadlinePassed,
     SagaRejected,
@@ -65,6 +66,7 @@ from saga.core.wire import (
     ErrorInfo,
     IfExists,
     JsonObject,
+    ParentRef,
     Phase,
     WireMessage,
     unset,
@@ -79,6 +81,7 @@ __all__ = [
     "CancelSaga",
     "Checkpoint",
     "Command",
+    "CompensateSaga",
     "CompensationResolved",
     "CompensationRetryScheduled",
     "CompensationStarted",
@@ -88,6 +91,7 @@ __all__ = [
     "Event",
     "EventBase",
     "IfExists",
+    "ParentRef",
     "Phase",
     "Reply",
     "Request",
@@ -96,6 +100,7 @@ __all__ = [
     "RetrySaga",
     "SagaAborted",
     "SagaCompensated",
+    "SagaCompensationAsked",
     "SagaCompleted",
     "SagaDeadlinePassed",
     "SagaRejected",
@@ -157,6 +162,8 @@ class StartSaga(WireMessage):
     """Who asks: the principal that signed the request, as the coordinator verified it (what a
     request says here itself is a claim, replaced by the verified signer when messages are
     signed)."""
+    parent: ParentRef | None = Field(default=None, exclude_if=unset)
+    """The step of the saga that starts this one as a sub-saga (only coordinators send it)."""
 
 
 class CancelSaga(WireMessage):
@@ -235,7 +242,22 @@ class DecideApproval(WireMessage):
     """Who decides (see `StartSaga.by`); checked against the step's approvers."""
 
 
-Request = StartSaga | CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval
+class CompensateSaga(WireMessage):
+    """A parent saga compensating its sub-saga step: the child is compensated (a completed
+    child too, unless past its pivot), and answers the parent's compensation when it is. Only
+    coordinators send it."""
+
+    type: Literal["compensate"] = "compensate"
+    message_id: str
+    saga_id: str
+    parent: ParentRef
+    at: float
+    by: str | None = Field(default=None, exclude_if=unset)
+
+
+Request = (
+    StartSaga | CancelSaga | RetrySaga | ResolveSaga | SignalSaga | DecideApproval | CompensateSaga
+)
 """Anything a client sends to the requests topic."""
 request_adapter: TypeAdapter[Request] = TypeAdapter(Annotated[Request, Field(discriminator="type")])
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from saga.core import dataflow, primitives, schedule
+from saga.core import dataflow, primitives, schedule, subsagas
 from saga.core.definition import SagaDefinition, Step, StepKind, split_item
 from saga.core.messages import (
     Alert,
@@ -35,6 +35,7 @@ from saga.core.messages import (
     EventBase,
     Phase,
     Reply,
+    Request,
     ResolveSaga,
     RetrySaga,
     SagaAborted,
@@ -90,6 +91,10 @@ class Plan:
     """The commands to send."""
     alerts: list[Alert] = field(default_factory=list)
     """The alerts to raise."""
+    requests: list[Request] = field(default_factory=list)
+    """Requests to other sagas (a sub-saga's start or compensation)."""
+    replies: list[Reply] = field(default_factory=list)
+    """Replies to this saga's parent (it is a sub-saga)."""
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -142,6 +147,7 @@ class Plan:
                     input=m.input,
                     reason=f"saga {self.d.name!r}: input is invalid: {_brief(exc)}",
                     by=m.by,
+                    parent=m.parent,
                 )
                 return None
         self.emit(
@@ -154,6 +160,7 @@ class Plan:
             digest=self.d.digest,
             by=m.by,
             deadline_at=self.now + self.d.deadline if self.d.deadline is not None else None,
+            parent=m.parent,
         )
         return None
 
@@ -167,12 +174,12 @@ class Plan:
         sd = self.d.unit(r.step)
         if sd.for_each is not None and not schedule.is_item(r.step):
             return "rejected", f"{where}: a for_each step is answered item by item"
-        if r.service != sd.service:
+        if r.service != (answers := subsagas.responder(sd)):
             return (
                 "rejected",
-                f"{where}: reply from service {r.service!r}, step belongs to {sd.service!r}",
+                f"{where}: reply from service {r.service!r}, step belongs to {answers!r}",
             )
-        if r.phase == "compensation" and sd.compensation is None:
+        if r.phase == "compensation" and sd.compensation is None and sd.saga is None:
             return "rejected", f"{where}: compensation reply for a step that has no compensation"
         if r.ok == (r.error is not None):
             return "rejected", f"{where}: a reply carries an error exactly when it is not ok"
@@ -304,7 +311,8 @@ class Plan:
         # effect; a technical failure is stored for its own attempt only, so the earlier one
         # may still succeed late and the outcome stays unknown.
         unknown = timed_out or (ss.uncertain and not error.business)
-        if not error.business and running and sd.retry.allows_retry(used, error.type):
+        retries = sd.saga is None  # a sub-saga runs once: its step is not tried again
+        if not error.business and running and retries and sd.retry.allows_retry(used, error.type):
             delay = sd.retry.backoff(used, f"{self.s.saga_id}/{sd.name}/action")
             self.emit(
                 StepRetryScheduled,
@@ -360,13 +368,19 @@ class Plan:
             else:
                 self.emit(StepFailedEvent, step=sd.name, attempt=attempt - 1, error=error)
             return
+        if sd.saga is not None:
+            subsagas.start_child(self, sd, attempt, payload)
+            return
         deadline = self.now + sd.timeout
         self.emit(StepStarted, step=sd.name, attempt=attempt, deadline_at=deadline)
         assert sd.action is not None  # a step with an effect sends a command (rule step-work)
         self.command(sd, "action", sd.action, attempt, payload, deadline)
 
     def start_compensation(self, sd: Step, attempt: int) -> None:
-        """Starts ``attempt`` of ``sd``'s compensation."""
+        """Starts ``attempt`` of ``sd``'s compensation (a sub-saga step's: its child's)."""
+        if sd.saga is not None:
+            subsagas.compensate_child(self, sd, attempt)
+            return
         assert sd.compensation is not None  # only compensatable steps are ever compensated
         try:
             step_input: Any = self.render_input(sd)

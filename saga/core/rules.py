@@ -76,7 +76,8 @@ def problems(d: SagaDefinition) -> Iterator[str]:
             else:
                 edges[dep.step].add(s.name)
         yield from _work_problems(at, s)
-        if s.has_effect and s.kind is StepKind.COMPENSATABLE and not s.compensation:
+        needs_own = s.kind_of_work == "command"  # a saga step's undo is its child's
+        if needs_own and s.kind is StepKind.COMPENSATABLE and not s.compensation:
             yield (
                 f"{at}: [compensation-required] a compensatable step needs a compensation; "
                 "add one, or mark it kind 'pivot' or 'retriable'"
@@ -137,17 +138,23 @@ def problems(d: SagaDefinition) -> Iterator[str]:
 
 def _work_problems(at: str, s: Step) -> Iterator[str]:
     """The ``step-work``, ``no-effect`` and ``start-at`` rules of one step."""
-    kinds = [k for k, v in (("action", s.action), ("wait", s.wait), ("approval", s.approval)) if v]
+    works = (("action", s.action), ("wait", s.wait), ("approval", s.approval), ("saga", s.saga))
+    kinds = [k for k, v in works if v]
     if len(kinds) != 1:
         got = " and ".join(kinds) if kinds else "none of them"
         yield (
-            f"{at}: [step-work] a step has exactly one of action (with service), wait or "
-            f"approval; it has {got}"
+            f"{at}: [step-work] a step has exactly one of action (with service), wait, "
+            f"approval or saga; it has {got}"
         )
     elif s.action is not None and s.service is None:
         yield f"{at}: [step-work] a step with an action needs the service that runs it"
     elif s.action is None and s.service is not None:
         yield f"{at}: [step-work] a {kinds[0]} step runs in the coordinator: it has no service"
+    if s.saga is not None and s.compensation:
+        yield (
+            f"{at}: [step-work] a saga step is compensated by compensating its child: it has "
+            "no compensation of its own"
+        )
     if not s.has_effect and s.compensation:
         yield (
             f"{at}: [no-effect] a {s.kind_of_work} step changes nothing, so it has no compensation"
@@ -202,8 +209,7 @@ def _reference_problems(d: SagaDefinition, edges: Mapping[str, set[str]]) -> Ite
             if root == "item":
                 if rule != "input-reference" or s.for_each is None:
                     yield (
-                        f"{at}: [{rule}] reads $.item, which only the input of a for_each "
-                        "step has"
+                        f"{at}: [{rule}] reads $.item, which only the input of a for_each step has"
                     )
                 continue
             if not root.startswith("steps."):

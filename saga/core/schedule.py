@@ -355,9 +355,11 @@ def dependents_settled(d: SagaDefinition, state: SagaState, name: str) -> bool:
 
 
 def _settled(d: SagaDefinition, state: SagaState, name: str) -> bool:
-    if d.step(name).for_each is not None and (names := items_of(state, name)):
-        return all(_settled(d, state, n) for n in names)
     status = step_state(state, name).status
+    fanned = status not in (StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.SKIPPED)
+    if d.step(name).for_each is not None and not is_item(name) and fanned:
+        # Expanded (perhaps into no items, or failed before): settled once its items are.
+        return all(_settled(d, state, n) for n in items_of(state, name))
     # A waiting step that succeeded changed nothing: there is nothing of it to wait for.
     waited = status is StepStatus.SUCCEEDED and not d.step(name).has_effect
     return status in SETTLED_FOR_UNDO or waited

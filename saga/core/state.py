@@ -61,10 +61,12 @@ from saga.core.messages import (
     CompensationSucceeded,
     ErrorInfo,
     EventBase,
+    ParentRef,
     Phase,
     RequestDenied,
     SagaAborted,
     SagaCompensated,
+    SagaCompensationAsked,
     SagaCompleted,
     SagaDeadlinePassed,
     SagaRejected,
@@ -140,7 +142,8 @@ class SagaStatus(StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED})
-"""Statuses a saga never leaves: no event but a `RECORD_ONLY` one is legal after them."""
+"""Statuses a saga does not leave: no event but a `RECORD_ONLY` one is legal after them, with
+one exception: the parent of a completed sub-saga may have it compensated (`SagaAborted`)."""
 FINAL_STATUSES = TERMINAL_STATUSES | {SagaStatus.STUCK, SagaStatus.REJECTED}
 """Statuses in which nothing happens until an operator acts (``stuck``), a valid start comes
 (``rejected``), or ever (the others)."""
@@ -212,6 +215,8 @@ SAGA_TRANSITIONS: dict[tuple[type[EventBase], SagaStatus | None], SagaStatus] = 
     (SagaRejected, None): G.REJECTED,
     (SagaRejected, G.REJECTED): G.REJECTED,  # another start it cannot run either
     (SagaAborted, G.RUNNING): G.COMPENSATING,
+    # A completed sub-saga whose parent compensates the step that started it (no pivot).
+    (SagaAborted, G.COMPLETED): G.COMPENSATING,
     (SagaCompleted, G.RUNNING): G.COMPLETED,
     (SagaCompensated, G.COMPENSATING): G.COMPENSATED,
     (SagaStuck, G.RUNNING): G.STUCK,
@@ -222,6 +227,7 @@ SAGA_TRANSITIONS: dict[tuple[type[EventBase], SagaStatus | None], SagaStatus] = 
     (SignalReceived, G.RUNNING): G.RUNNING,
     (SignalReceived, G.STUCK): G.STUCK,
     (SignalReceived, G.COMPENSATING): G.COMPENSATING,
+    **{(SagaCompensationAsked, status): status for status in G},
     **{(kind, status): status for kind in RECORD_ONLY for status in G},
 }
 """(event type, saga status before) -> saga status after, for the saga-level events (step events
@@ -265,6 +271,8 @@ class StepState(BaseModel):
     compensated_at: float | None = None
     wake_at: float | None = None
     """When the step's timer fires: a scheduled step's start, an approval's next reminder."""
+    child: str | None = None
+    """A sub-saga step's child saga."""
     reminders: int = 0
     """Reminders and escalations an approval step has sent."""
 
@@ -295,6 +303,10 @@ class SagaState(BaseModel):
     has been acted on, or without one."""
     signals: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude_if=lambda v: not v)
     """Signals received that no ``wait`` step has taken yet, by name (the latest of each)."""
+    parent: ParentRef | None = Field(default=None, exclude_if=lambda v: v is None)
+    """The step of another saga that started this one (a sub-saga)."""
+    undo_for: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    """The parent's compensation attempt this saga answers when it is compensated."""
     requests: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
     """The message ids of the latest operator requests the saga answered (cancel, retry,
     resolve; at most `REMEMBERED_REQUESTS`), so that the same request delivered or replayed
@@ -352,6 +364,8 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
         changes["signals"] = {k: v for k, v in state.signals.items() if k != event.signal}
     elif isinstance(event, SagaDeadlinePassed):
         changes["deadline_at"] = None
+    elif isinstance(event, SagaCompensationAsked):
+        changes["undo_for"] = event.attempt
     if isinstance(event, StepEvent) and type(event) in _STEP_EVENT_TYPES:
         changes["steps"] = {**state.steps, event.step: _evolve_step(state, event)}
         if isinstance(event, StepExpanded):
@@ -363,6 +377,7 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
 
 _STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
 _REQUEST_EVENTS = (
+    SagaCompensationAsked,
     SagaAborted,
     CancelRejected,
     SagaResumed,
@@ -413,6 +428,7 @@ def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaSt
             updated_at=event.at,
             digest=event.digest,
             deadline_at=event.deadline_at,
+            parent=event.parent,
             # A signal sent between a rejected start and a valid one is kept.
             signals=state.signals if state is not None else {},
         )
@@ -429,6 +445,7 @@ def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaSt
         finished_at=event.at,
         reason=event.reason,
         digest=event.digest,
+        parent=event.parent,
     )
 
 
@@ -456,6 +473,8 @@ def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
     if isinstance(event, StepStarted):
         u |= {"attempt": event.attempt, "deadline_at": event.deadline_at, "retry_at": None}
         u["wake_at"] = event.wake_at
+        if event.child is not None:
+            u["child"] = event.child
         if step.started_at is None:
             u["started_at"] = at
         if step.status is StepStatus.STUCK:
@@ -520,6 +539,8 @@ def _evolve_saga(state: SagaState, event: EventBase) -> dict[str, Any]:
     changes: dict[str, Any] = {"status": target}
     if isinstance(event, SagaAborted | SagaStuck):
         changes["reason"] = event.reason
+    if isinstance(event, SagaAborted):
+        changes["finished_at"] = None  # a completed sub-saga compensated by its parent
     if target in FINAL_STATUSES:
         changes["finished_at"] = event.at
     return changes

@@ -13,6 +13,7 @@ __all__ = [
     "ErrorInfo",
     "IfExists",
     "JsonObject",
+    "ParentRef",
     "Phase",
     "WireMessage",
     "unset",
@@ -48,6 +49,15 @@ class WireMessage(BaseModel):
 
     v: Literal[1] = 1
     """Schema version of this message."""
+
+
+class ParentRef(WireMessage):
+    """The step of another saga that started this one (a sub-saga), at one attempt: where the
+    child's outcome is replied to."""
+
+    saga_id: str
+    step: str
+    attempt: int
 
 
 class ErrorInfo(WireMessage):

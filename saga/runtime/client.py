@@ -258,9 +258,7 @@ class SagaClient:
         await self._send(message)
         return seq
 
-    async def signal(
-        self, saga_id: str, name: str, data: Mapping[str, Any] | None = None
-    ) -> int:
+    async def signal(self, saga_id: str, name: str, data: Mapping[str, Any] | None = None) -> int:
         """Delivers the signal ``name`` (with ``data``) to a saga: the ``wait`` step waiting
         for it completes with ``data`` as its output; a signal that comes before the step
         waits is kept for it. A signal the saga cannot take (it has ended, or its step has

@@ -287,11 +287,15 @@ class Coordinator(CoordinatorFacade):
                     for p in list(self._parts):
                         await self._drop(p)
 
-    def _poll_timeout(self) -> float:
-        soonest = min(
+    def next_timer(self) -> float | None:
+        """The earliest time a saga owned here is due (a deadline, a retry, a timer)."""
+        return min(
             (due for p in self._parts.values() if (due := p.next_timer()) is not None),
             default=None,
         )
+
+    def _poll_timeout(self) -> float:
+        soonest = self.next_timer()
         if soonest is None:
             return 0.5
         return min(0.5, max(0.0, soonest - self.clock.now()))

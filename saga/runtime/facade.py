@@ -104,9 +104,7 @@ class CoordinatorFacade:
         """
         return await self._client.resolve(saga_id, note)
 
-    async def signal(
-        self, saga_id: str, name: str, data: Mapping[str, Any] | None = None
-    ) -> int:
+    async def signal(self, saga_id: str, name: str, data: Mapping[str, Any] | None = None) -> int:
         """Delivers a named signal to the saga (see `saga.runtime.client.SagaClient.signal`).
 
         Returns:

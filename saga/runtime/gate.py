@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from saga.core.definition import SagaDefinition
-from saga.core.messages import Reply, Request, StartSaga
+from saga.core.messages import CompensateSaga, Reply, Request, StartSaga
 from saga.core.policy import Action, authorize, check_policy
 from saga.core.wire import UNVERIFIED
 from saga.runtime.ports import UNSEALED_HEADER, Outgoing, Record
@@ -44,7 +44,6 @@ from saga.runtime.trust import UNSIGNED_WARNING, Trust, Unauthenticated
 __all__ = ["CoordinatorGate", "ParticipantGate", "Refusal"]
 
 log = logging.getLogger("saga.trust")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +158,14 @@ class CoordinatorGate(_Gate):
         policy = self.trust.policy
         assert policy is not None  # a signed Trust has one
         if policy.is_coordinator(sender):
-            return stamped, None  # the engine's own requests (`Coordinator.start`, ...)
+            return stamped, None  # the engine's own requests (`Coordinator.start`, sub-sagas)
+        if isinstance(message, CompensateSaga) or (
+            isinstance(message, StartSaga) and message.parent is not None
+        ):
+            detail = (
+                f"{message.type} request for a sub-saga signed by {sender!r}, not a coordinator"
+            )
+            return stamped, Refusal("forbidden", detail)
         name = message.saga_name if isinstance(message, StartSaga) else saga_name
         if name is None:
             return stamped, None  # no saga: the coordinator dead-letters it as unknown
@@ -177,6 +183,8 @@ class CoordinatorGate(_Gate):
             return None  # `decide` rejects a reply for a step the saga has not
         service = definition.step(reply.step).service
         assert self.trust.policy is not None
+        if service is None and self.trust.policy.is_coordinator(sender):
+            return None  # a sub-saga step: its child's coordinator answers it
         if service is not None and self.trust.policy.speaks_for(sender, service):
             return None
         return Refusal(

@@ -436,6 +436,18 @@ class OwnedPartition:
         records += [Outgoing(t.alerts, key, encode(alert)) for alert in decision.alerts]
         # The outbox: what the saga publishes as it ends is in the transaction of its end.
         records += [Outgoing(o.topic, o.key, o.value) for o in decision.outcomes]
+        # Sub-sagas: a child's start or compensation, and a child's answer to its parent.
+        for request in decision.requests:
+            out = Outgoing(
+                t.requests,
+                request.saga_id.encode(),
+                encode(request),
+                self.observer.headers(request),
+            )
+            records.append(self.gate.sign(out))
+        for reply in decision.replies:
+            out = Outgoing(t.replies, reply.saga_id.encode(), encode(reply))
+            records.append(self.gate.sign(out))
         snap = Snapshot(saga_id=state.saga_id, state=state.model_dump(mode="json"))
         snapshot = Outgoing(t.snapshots, key, encode(snap), partition=n)
         for r in (*records, snapshot):

@@ -71,6 +71,7 @@ EVENTS: list[BaseModel] = [
     m.RequestDenied(**BASE, request="retry", message_id="m8", by="mallory", reason="no rule"),
     m.StepScheduled(**BASE, step="deliver", attempt=0, due_at=9.5),
     m.StepExpanded(**BASE, step="dishes", attempt=0, count=3),
+    m.SagaCompensationAsked(**BASE, attempt=2, message_id="c", by="coordinator"),
     m.StepSkipped(**BASE, step="vet", attempt=0, reason="condition is false"),
     m.ApprovalReminded(
         **BASE, step="ok", attempt=1, escalated=True, recipients=["boss"], next_at=None
@@ -90,6 +91,12 @@ REQUESTS: list[BaseModel] = [
     m.RetrySaga(message_id="m4", saga_id="saga-1", at=3.0),
     m.RetrySaga(message_id="m6", saga_id="saga-1", at=3.0, reason="db back", by="alice"),
     m.SignalSaga(message_id="m7", saga_id="saga-1", name="cooked", data={"n": 1}, at=5.0),
+    m.CompensateSaga(
+        message_id="m9",
+        saga_id="p/ship",
+        parent=m.ParentRef(saga_id="p", step="ship", attempt=1),
+        at=7.0,
+    ),
     m.DecideApproval(
         message_id="m8", saga_id="saga-1", step="ok", approve=False, note="too big", at=6.0
     ),

@@ -212,7 +212,7 @@ def test_the_rules_refuse_two_waits_for_one_signal_and_a_waiting_pivot() -> None
     text = str(caught.value)
     assert "[unique-signal] signal 'go' is already waited for by step 'a'" in text
     assert "[no-effect] a wait step cannot be the pivot" in text
-    assert "[step-work] a step has exactly one of action (with service), wait or approval" in text
+    assert "[step-work] a step has exactly one of action (with service), wait, approval" in text
 
 
 # -- approvals -------------------------------------------------------------------------------
@@ -464,3 +464,83 @@ def test_the_rules_check_fan_outs() -> None:
     assert "step 'a': [input-reference] reads $.item, which only the input of a for_each" in text
     assert "step 'b': [for-each] for_each must be one reference" in text
     assert "step 'c': [for-each] only a step that sends a command can run for each item" in text
+
+
+# -- sub-sagas -------------------------------------------------------------------------------
+
+
+def _parent_and_child() -> tuple[Driver, SagaDefinition]:
+    child = _saga(make_step("room"), make_step("desk", kind=StepKind.PIVOT, after=["room"]))
+    parent = _saga(
+        make_step("flight"),
+        Step(name="stay", saga="p", depends_on=("flight",), input={"city": "$.input.city"}),
+    )
+    return Driver(parent, saga_id="trip"), child
+
+
+def test_a_sub_saga_step_sends_the_child_start_and_takes_its_reply() -> None:
+    drv, child_def = _parent_and_child()
+    drv.start({"city": "Lyon"})
+    decision = drv.reply(drv.open_command("flight"))
+    (start,) = decision.requests
+    assert start.type == "start"
+    assert (start.saga_id, start.saga_name, start.input) == ("trip/stay", "p", {"city": "Lyon"})
+    assert start.parent is not None  # type: ignore[union-attr]
+    assert drv.state is not None
+    assert drv.state.steps["stay"].child == "trip/stay"
+    # The child runs to its end; its last decision replies to the parent.
+    child = Driver(child_def, saga_id="trip/stay")
+    first = child.send(start)
+    assert first.replies == ()
+    child.reply(child.open_command("room"))
+    done = child.reply(child.open_command("desk"))
+    (reply,) = done.replies
+    assert (reply.saga_id, reply.step, reply.ok, reply.service) == ("trip", "stay", True, "saga:p")
+    drv.send(reply)
+    assert drv.state.status is SagaStatus.COMPLETED
+    assert drv.state.steps["stay"].output == {
+        "saga_id": "trip/stay",
+        "outputs": {"room": {}, "desk": {}},
+    }
+
+
+def test_a_child_past_its_pivot_refuses_to_be_compensated() -> None:
+    child_def = _saga(make_step("room"), make_step("desk", kind=StepKind.PIVOT, after=["room"]))
+    parent = _saga(
+        Step(name="stay", saga="p", input={"city": "$.input.city"}),
+        make_step("pay", after=["stay"]),
+    )
+    drv = Driver(parent, saga_id="trip")
+    (start,) = drv.start({"city": "Lyon"}).requests
+    child = Driver(child_def, saga_id="trip/stay")
+    child.send(start)
+    child.reply(child.open_command("room"))
+    (reply,) = child.reply(child.open_command("desk")).replies
+    drv.send(reply)
+    # A later step fails: the parent compensates the stay, which asks the child, which refuses
+    # (its pivot ran), so the parent's compensation of the step fails as any would.
+    (ask,) = drv.reply(drv.open_command("pay"), "business").requests
+    assert ask.type == "compensate"
+    (refusal,) = child.send(ask).replies
+    assert refusal.phase == "compensation"
+    assert refusal.error is not None
+    assert refusal.error.type == "PastPivot"
+    assert child.state is not None
+    assert child.state.status is SagaStatus.COMPLETED
+    drv.send(refusal)
+    assert drv.state is not None
+    assert drv.state.steps["stay"].status is StepStatus.STUCK
+
+
+def test_a_rejected_child_fails_its_step_and_a_compensation_of_it_is_answered_at_once() -> None:
+    drv, _ = _parent_and_child()
+    drv.start({"city": "Lyon"})
+    (start,) = drv.reply(drv.open_command("flight")).requests
+    orphan = Driver(_saga(make_step("x")), saga_id="trip/stay")
+    rejected = orphan.send(start, None)  # no definition named 'p' here
+    (reply,) = rejected.replies
+    assert reply.error is not None
+    assert reply.error.type == "SagaRejected"
+    drv.send(reply)
+    assert drv.state is not None
+    assert drv.state.steps["stay"].status is StepStatus.FAILED  # not compensated: nothing ran

@@ -21,6 +21,7 @@ from saga.core.messages import (
     RequestDenied,
     SagaAborted,
     SagaCompensated,
+    SagaCompensationAsked,
     SagaCompleted,
     SagaDeadlinePassed,
     SagaRejected,
@@ -114,6 +115,7 @@ SAGA_EVENT_FIELDS: dict[type[EventBase], dict[str, Any]] = {
     CancelRejected: {"reason": "too late"},
     RequestDenied: {"request": "retry", "message_id": "m", "by": "mallory", "reason": "no rule"},
     SagaDeadlinePassed: {"compensating": True},
+    SagaCompensationAsked: {"attempt": 1, "message_id": "c"},
     SignalReceived: {"name": "cooked", "data": {"x": 1}, "message_id": "s"},
     SignalRejected: {"name": "cooked", "reason": "ended", "message_id": "s"},
 }

@@ -212,3 +212,137 @@ async def test_a_fan_out_survives_a_restart_and_compensates_exactly_what_it_cook
     assert binned == cooked  # exactly the items that took effect, no more
     assert "burnt-toast" not in binned
     assert ("refund", "pay") in calls
+
+
+PARENT = SagaDefinition(
+    name="trip",
+    steps=[
+        Step(name="flight", service="air", action="book", compensation="cancel"),
+        Step(
+            name="stay",
+            saga="hotel",
+            depends_on=["flight"],
+            input={"city": "$.input.city", "nights": "$.input.nights"},
+            timeout=600,
+        ),
+        Step(
+            name="pay",
+            service="air",
+            action="pay",
+            compensation="refund",
+            depends_on=["stay"],
+            input={"room": "$.steps.stay.output.outputs.room.room"},
+        ),
+    ],
+)
+HOTEL = SagaDefinition(
+    name="hotel",
+    steps=[
+        Step(name="room", service="inn", action="reserve", compensation="release"),
+        Step(
+            name="breakfast",
+            service="inn",
+            action="add",
+            compensation="drop",
+            depends_on=["room"],
+            delay=60,  # the kitchen opens in a minute (virtual time)
+        ),
+    ],
+)
+
+
+def travel(calls: list[str], *, full: bool = False, declined: bool = False) -> list[Participant]:
+    air, inn = Participant("air"), Participant("inn")
+
+    @air.handler("book")
+    async def book(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        calls.append("book flight")
+        return {}
+
+    @air.handler("cancel")
+    async def cancel(payload: dict[str, Any], ctx: StepContext) -> None:
+        calls.append("cancel flight")
+
+    @air.handler("pay")
+    async def pay(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        if declined:
+            raise StepFailed("card declined")
+        calls.append(f"pay {payload['room']}")
+        return {}
+
+    @air.handler("refund")
+    async def refund(payload: dict[str, Any], ctx: StepContext) -> None:
+        calls.append("refund")
+
+    @inn.handler("reserve")
+    async def reserve(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        calls.append(f"reserve in {payload['city']}")
+        return {"room": "12B"}
+
+    @inn.handler("release")
+    async def release(payload: dict[str, Any], ctx: StepContext) -> None:
+        calls.append("release room")
+
+    @inn.handler("add")
+    async def add(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        if full:
+            raise StepFailed("no breakfast left")
+        calls.append("add breakfast")
+        return {}
+
+    @inn.handler("drop")
+    async def drop(payload: dict[str, Any], ctx: StepContext) -> None:
+        calls.append("drop breakfast")
+
+    return [air, inn]
+
+
+async def test_a_sub_saga_completes_its_step_with_the_child_outputs() -> None:
+    calls: list[str] = []
+    async with SagaHarness([PARENT, HOTEL], travel(calls)) as h:
+        trip = await h.start("trip", {"city": "Lyon", "nights": 2})
+        child_id = f"{trip}/stay"
+        await h.run_until(child_id, lambda s: s.steps["breakfast"].status is StepStatus.SCHEDULED)
+        await h.restart_coordinator()  # while the child waits for its timer
+        done = await h.run_until_done(trip)
+        child = await h.status(f"{trip}/stay")
+    assert done.status is SagaStatus.COMPLETED
+    assert done.steps["stay"].child == f"{trip}/stay"
+    assert child is not None
+    assert child.status is SagaStatus.COMPLETED
+    assert child.parent is not None
+    assert (child.parent.saga_id, child.parent.step) == (trip, "stay")
+    assert calls == ["book flight", "reserve in Lyon", "add breakfast", "pay 12B"]
+
+
+async def test_compensating_the_step_compensates_the_completed_child() -> None:
+    calls: list[str] = []
+    async with SagaHarness([PARENT, HOTEL], travel(calls, declined=True)) as h:
+        trip = await h.start("trip", {"city": "Oslo", "nights": 1})
+        done = await h.run_until_done(trip)
+        child = await h.status(f"{trip}/stay")
+    assert done.status is SagaStatus.COMPENSATED
+    assert child is not None
+    assert child.status is SagaStatus.COMPENSATED  # completed, then undone by its parent
+    assert calls == [
+        "book flight",
+        "reserve in Oslo",
+        "add breakfast",
+        "drop breakfast",
+        "release room",
+        "cancel flight",
+    ]
+
+
+async def test_a_child_that_compensates_fails_its_step_and_the_parent_compensates() -> None:
+    calls: list[str] = []
+    async with SagaHarness([PARENT, HOTEL], travel(calls, full=True)) as h:
+        trip = await h.start("trip", {"city": "Rome", "nights": 3})
+        done = await h.run_until_done(trip)
+    assert done.status is SagaStatus.COMPENSATED
+    error = done.steps["stay"].error
+    assert error is not None
+    assert error.type == "SagaCompensated"
+    assert "no breakfast left" in error.message
+    # The child undid its own work; the parent undid the flight; nothing was undone twice.
+    assert calls == ["book flight", "reserve in Rome", "release room", "cancel flight"]
