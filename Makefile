@@ -117,6 +117,8 @@ bench: $(STAMP)
 	$(MAKE) --no-print-directory deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.bench_core
+	$(PY) -m bench.bench_trust
+	$(PY) -m bench.bench_sealing
 	$(PY) -m bench.bench_engine --sagas 400 --window 50
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --window 200 --evict-after 30 \
 		--tombstone-after 60

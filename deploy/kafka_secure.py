@@ -414,7 +414,13 @@ def engine_acls(prefix: str, services: Sequence[str]) -> list[AclBinding]:
       ``<prefix>.log`` and ``<prefix>.snapshots``; read and describe on groups prefixed
       ``<prefix>.view``.
     * ``operator``: what ``client`` has, plus read and describe on ``<prefix>.dlq`` and
-      ``<prefix>.alerts``.
+      ``<prefix>.alerts``, and read, write and describe on ``<prefix>.definitions`` (``saga
+      deploy`` publishes definitions, ``saga definitions`` and ``saga verify`` read them).
+    * the deployment's domain events, topics prefixed ``<prefix>-events.`` (outside the
+      engine's topics: a saga's trigger cannot read those): the ``coordinator`` creates, reads
+      (its trigger relay starts sagas from them), writes (outcome events) and describes them;
+      ``client`` writes, reads and describes them (the front end that places orders and
+      follows their outcomes).
 
     Args:
         prefix: The deployment's topic prefix, e.g. "saga".
@@ -470,6 +476,10 @@ def engine_acls(prefix: str, services: Sequence[str]) -> list[AclBinding]:
         allow(user, G, f"{prefix}.view", pre, op.READ, op.DESCRIBE)
     allow("operator", T, f"{prefix}.dlq", lit, op.READ, op.DESCRIBE)
     allow("operator", T, f"{prefix}.alerts", lit, op.READ, op.DESCRIBE)
+    allow("operator", T, f"{prefix}.definitions", lit, op.READ, op.WRITE, op.DESCRIBE)
+    events = f"{prefix}-events."
+    allow(coordinator, T, events, pre, op.CREATE, op.READ, op.WRITE, op.DESCRIBE)
+    allow("client", T, events, pre, op.READ, op.WRITE, op.DESCRIBE)
     return out
 
 

@@ -5,14 +5,25 @@ Run ``python -m services.demo`` (``make demo`` starts Kafka and Jaeger first). I
 1. starts the coordinator and the location, payment, restaurant, rider and notification
    services as separate processes under a fresh topic prefix and data directory, and waits
    until a canary order goes through all of them;
-2. submits a batch of orders (``--count``, default 40), about a quarter of them failing on
-   purpose: a declined card, a refusing restaurant, a flaky rider app and SMS gateway (errors
-   that retries absorb), a kitchen that breaks down at the pivot, one slow restaurant whose
-   every attempt times out, and one order whose refund keeps failing, which ends ``stuck``;
-3. prints a progress line per second, then a summary: outcomes against expectations,
-   throughput, saga and per-step latencies measured from the event log, and where to look
-   next (Jaeger, ``saga replay``);
-4. stops every process it started (SIGTERM, then SIGKILL after a grace period), also on
+2. places a batch of orders (``--count``, default 40) as ``order-placed`` events on the
+   order topic (`services.app.order_topics`), each of which starts a saga; about a quarter of
+   them fail on purpose: a declined card, a refusing restaurant, a flaky rider app and SMS
+   gateway (errors that retries absorb), a kitchen that breaks down at the pivot, one slow
+   restaurant whose every attempt times out, and one order whose refund keeps failing, which
+   ends ``stuck``; one in eight waits: a large order the manager approves (after a reminder),
+   one the manager rejects (compensated), one nobody decides until it is escalated to the
+   operator, who approves it, and an order for later, whose cooking waits for its delivery
+   window to open;
+3. plays the people meanwhile: each restaurant's kitchen confirms its orders with the
+   ``kitchen_confirmed`` signal (`SagaClient.signal`, what ``saga signal`` sends), and the
+   manager and the operator decide the large orders (`SagaClient.approve` and ``reject``, what
+   ``saga approve`` and ``saga reject`` send), as ``manager`` and ``operator``;
+4. prints a progress line per second, then a summary: outcomes against expectations,
+   throughput, saga and per-step latencies measured from the event log, the approvals,
+   confirmations and delivery windows, the ``order-completed`` and ``order-cancelled`` outcome
+   events it consumed (checked against how each saga ended), and where to look next (Jaeger,
+   ``saga replay``);
+5. stops every process it started (SIGTERM, then SIGKILL after a grace period), also on
    Ctrl-C or an error.
 
 It exits with status 0 when every saga reached a final state (completed, compensated or
@@ -27,7 +38,7 @@ keyring, policy and payload keys are made on the first run in
 prefix's ACLs are granted at start, and an ``operator.env`` there lets the ``saga`` commands
 of the summary run as the operator.
 
-The slow-restaurant order is sent once the rest of the batch is past the kitchen. A
+The slow-restaurant order is placed once the rest of the batch is past the kitchen. A
 participant handles one polled batch of commands at a time, so a handler that stalls until its
 deadline holds up every restaurant command that arrives meanwhile; sent with the others, it
 would time out innocent orders along with itself.
@@ -48,22 +59,27 @@ import urllib.parse
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+import orjson
 from anyio.abc import TaskStatus
 
 from deploy._proc import InfraError
 from deploy.tls import write_private
 from saga import SagaClient, SagaError, SagaState, SagaStatus, StepStatus, TransportError
 from saga.core.messages import (
+    ApprovalReminded,
     CompensationStarted,
     CompensationSucceeded,
     EventBase,
     StepRetryScheduled,
+    StepScheduled,
     StepStarted,
     StepSucceeded,
     StepTimedOut,
@@ -71,11 +87,20 @@ from saga.core.messages import (
 from saga.core.replay import Replay
 from saga.runtime.ports import Record, Transport
 from saga.runtime.traceids import trace_id_for
+from services.app import KITCHEN_SIGNAL, order_topics
 from services.fleet import PARTICIPANTS, Fleet
-from services.orders import make_order, submit
-from services.secure import OPERATOR, LocalSecureBroker, SecureSetup
+from services.orders import make_order, place
+from services.secure import MANAGER, OPERATOR, LocalSecureBroker, SecureSetup
 
-__all__ = ["LogTail", "Scenario", "main", "plan_orders", "scenarios"]
+__all__ = [
+    "LogTail",
+    "OutcomeTail",
+    "Scenario",
+    "main",
+    "plan_orders",
+    "scenarios",
+    "waiting_scenarios",
+]
 
 JAEGER_UI = os.environ.get("JAEGER_UI", "http://127.0.0.1:16686")
 """Where `make jaeger-up` serves the Jaeger UI (``$JAEGER_UI`` overrides it)."""
@@ -86,15 +111,40 @@ SECURED_HOW = "make kafka-down && make kafka-up SECURE=1 && make demo SECURE=1"
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """A kind of order in the batch and the outcome it should have."""
+    """A kind of order in the batch and the outcome it should have.
+
+    Attributes:
+        name: What it shows, for the summary.
+        faults: Faults for `services.faults`.
+        expect: The saga's end.
+        large: A large order (over `services.app.LARGE_ORDER`): it needs an approval.
+        decision: Who decides it and how: ``approve`` and ``reject`` (the manager, after the
+            first reminder), ``escalate`` (nobody until it is escalated, then the operator
+            approves); None for an order that needs no approval.
+        later: Seconds from now until its delivery window opens (its ``cook`` step's timer).
+    """
 
     name: str
     faults: dict[str, str]
     expect: SagaStatus
+    large: bool = False
+    decision: Literal["approve", "reject", "escalate"] | None = None
+    later: float = 0.0
 
 
 HAPPY = Scenario("happy", {}, SagaStatus.COMPLETED)
 SLOW = "slow restaurant (every attempt times out)"
+
+APPROVAL_REMIND = 2.0
+"""Seconds after which a pending approval is reminded, in the demo (``SAGA_APPROVAL_REMIND``)."""
+APPROVAL_ESCALATE = 8.0
+"""Seconds after which it is escalated to the operator (``SAGA_APPROVAL_ESCALATE``)."""
+APPROVAL_TIMEOUT = 60.0
+"""Seconds after which an undecided approval counts as rejected (``SAGA_APPROVAL_TIMEOUT``)."""
+_MANAGER_THINKS = 3.0  # the manager decides after the reminder, before the escalation
+_OPERATOR_THINKS = 9.0  # the operator decides once the escalation reached them
+LATER = 10.0
+"""Seconds until the delivery window of the orders for later opens."""
 
 
 def scenarios(step_timeout: float) -> list[Scenario]:
@@ -121,12 +171,26 @@ def scenarios(step_timeout: float) -> list[Scenario]:
     ]
 
 
+def waiting_scenarios() -> list[Scenario]:
+    """The orders that wait for people or for time, in the order they are taken."""
+    return [
+        Scenario("large order, manager approves", {}, SagaStatus.COMPLETED, True, "approve"),
+        Scenario(f"for later (window opens in {LATER:g}s)", {}, SagaStatus.COMPLETED, later=LATER),
+        Scenario("large order, manager rejects", {}, SagaStatus.COMPENSATED, True, "reject"),
+        Scenario(
+            "large order, escalated, operator approves", {}, SagaStatus.COMPLETED, True, "escalate"
+        ),
+    ]
+
+
 _REPEATING = (0, 1, 2, 3, 6)  # indexes of the scenarios that may appear more than once
 
 
 def plan_orders(count: int, step_timeout: float) -> list[tuple[Scenario, dict[str, Any]]]:
     """The batch: ``count`` orders, one in four failing on purpose (at least one of each
-    failing scenario when the batch is big enough), spread evenly through it."""
+    failing scenario when the batch is big enough) and one in eight waiting for an approval or
+    a later delivery window, spread evenly through it. Every order's kitchen confirms it by
+    hand (the demo plays the kitchens)."""
     failing = scenarios(step_timeout)
     wanted = max(1, round(count / 4)) if count >= 2 else 0
     chosen = failing[:wanted]
@@ -134,13 +198,35 @@ def plan_orders(count: int, step_timeout: float) -> list[tuple[Scenario, dict[st
     while len(chosen) < wanted:
         chosen.append(failing[_REPEATING[i % len(_REPEATING)]])
         i += 1
-    every = count / wanted if wanted else math.inf
-    slots = {min(count - 1, int(k * every + every / 2)): s for k, s in enumerate(chosen)}
+    waiting = waiting_scenarios()
+    extra = [waiting[k % len(waiting)] for k in range(round(count / 8) if count >= 4 else 0)]
+    # Interleaved, so that both kinds are spread through the batch.
+    special: list[Scenario] = []
+    for k in range(max(len(chosen), len(extra))):
+        special += chosen[k : k + 1] + extra[k : k + 1]
+    every = count / len(special) if special else math.inf
+    slots = {min(count - 1, int(k * every + every / 2)): s for k, s in enumerate(special)}
     plan: list[tuple[Scenario, dict[str, Any]]] = []
     for n in range(count):
         scenario = slots.get(n, HAPPY)
-        plan.append((scenario, make_order(n + 1, scenario.faults or None)))
+        order = make_order(
+            n + 1,
+            scenario.faults or None,
+            large=scenario.large,
+            kitchen_confirms=True,
+        )
+        plan.append((scenario, order))
     return plan
+
+
+def _open_windows(plan: Sequence[tuple[Scenario, dict[str, Any]]]) -> None:
+    """Sets the delivery windows of the orders for later, counted from now (when they are
+    placed, not when the batch was planned)."""
+    now = time.time()
+    for scenario, order in plan:
+        if scenario.later:
+            opens = datetime.fromtimestamp(now + scenario.later, UTC)
+            order["deliver_after"] = opens.isoformat(timespec="milliseconds")
 
 
 # -- watching the log --------------------------------------------------------------------------
@@ -176,6 +262,29 @@ class LogTail:
                         self.events[folded.event.saga_id].append(folded.event)
 
 
+@dataclass
+class OutcomeTail:
+    """Reads the order's outcome events (``order-completed``, ``order-cancelled``), as the
+    services that follow orders would."""
+
+    transport: Transport
+    prefix: str
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    """Each order's outcome events, in the order read."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Reads both topics from the start until cancelled."""
+        topics = order_topics(self.prefix)
+        group = f"{self.prefix}.view.demo-outcomes-{uuid.uuid4().hex[:8]}"
+        sources = [topics.completed, topics.cancelled]
+        async with self.transport.consumer(group, sources) as consumer:
+            task_status.started()
+            while True:
+                for record in await consumer.poll(0.2, 1000):
+                    if record.key is not None and record.value:
+                        self.events[record.key.decode()].append(orjson.loads(record.value))
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -188,8 +297,13 @@ class Run:
     step_timeout: float
     plan: list[tuple[Scenario, dict[str, Any]]]
     tail: LogTail | None = None
+    outcomes: OutcomeTail | None = None
     submitted_at: float = 0.0
     slow_sent_at: float | None = None
+    confirmed: set[str] = field(default_factory=set)
+    """Orders whose kitchen confirmation the demo sent."""
+    decided: dict[str, str] = field(default_factory=dict)
+    """Order id to the decision the demo sent on its approval (``approve`` or ``reject``)."""
 
     @property
     def ids(self) -> list[str]:
@@ -202,21 +316,109 @@ class Run:
 
 async def _drive(run: Run) -> bool:
     fleet = run.fleet
-    async with fleet.client() as client:
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(fleet.client())
+        manager = await stack.enter_async_context(fleet.manager())
+        operator = await stack.enter_async_context(fleet.operator())
         print("waiting for the coordinator and the services (a canary order goes through) ...")
         ready = await fleet.wait_ready(client, timeout=run.args.ready_timeout)
         print(f"all six processes serving; the canary order took {ready:.1f}s end to end\n")
         run.tail = LogTail(client.transport, fleet.prefix)
+        run.outcomes = OutcomeTail(client.transport, fleet.prefix)
         async with anyio.create_task_group() as tg:
             await tg.start(run.tail.run)
+            await tg.start(run.outcomes.run)
+            for restaurant in sorted({str(o["restaurant"]) for _, o in run.plan}):
+                kitchen = await stack.enter_async_context(fleet.client())
+                tg.start_soon(_kitchen, run, restaurant, kitchen)
+            tg.start_soon(_decider, run, MANAGER, manager)
+            tg.start_soon(_decider, run, OPERATOR, operator)
             held = [(s, o) for s, o in run.plan if s.name == SLOW]
             first = [o for s, o in run.plan if s.name != SLOW]
+            _open_windows(run.plan)
             run.submitted_at = time.time()
-            await submit(client, first)
-            print(f"submitted {len(first)} orders at once" + (", holding one back" if held else ""))
+            topic = order_topics(fleet.prefix).placed
+            await place(client.transport, topic, first)
+            print(
+                f"placed {len(first)} orders at once as order-placed events on {topic}"
+                + (", holding one back" if held else "")
+            )
             ended = await _watch(run, client, held)
+            # The outcome events are written with the sagas' last events: a moment more.
+            await _outcomes_in(run, 5.0)
             tg.cancel_scope.cancel()
     return ended
+
+
+async def _outcomes_in(run: Run, timeout: float) -> None:
+    assert run.outcomes is not None
+    outcomes = run.outcomes
+    with anyio.move_on_after(timeout):
+        while True:
+            missing = [s for s in run.states() if s.is_final and s.saga_id not in outcomes.events]
+            if not missing:
+                return
+            await anyio.sleep(0.2)
+
+
+async def _kitchen(run: Run, restaurant: str, client: SagaClient) -> None:
+    """One restaurant's kitchen tablet: confirms each of its orders once the saga waits for
+    the confirmation (one client per kitchen, so that the kitchens confirm side by side)."""
+    assert run.tail is not None
+    tail = run.tail
+    mine = [str(o["order_id"]) for _, o in run.plan if o["restaurant"] == restaurant]
+    while True:
+        await anyio.sleep(0.1)
+        for saga_id in mine:
+            state = tail.states.get(saga_id)
+            if state is None or state.is_final or saga_id in run.confirmed:
+                continue
+            if state.steps["kitchen"].status is StepStatus.RUNNING:
+                run.confirmed.add(saga_id)
+                accepted = state.steps["restaurant"].output or {}
+                chef = _CHEFS[int(accepted.get("ticket", 0)) % len(_CHEFS)]
+                data = {"chef": chef, "ready_in_minutes": accepted.get("prep_minutes", 15)}
+                await client.signal(saga_id, KITCHEN_SIGNAL, data)
+
+
+async def _decider(run: Run, who: str, client: SagaClient) -> None:
+    """The manager (``who == "manager"``) decides the large orders after the first
+    reminder; the operator approves those nobody decided until they were escalated."""
+    assert run.tail is not None
+    tail = run.tail
+    scenario_of = {str(o["order_id"]): s for s, o in run.plan}
+    while True:
+        await anyio.sleep(0.2)
+        now = time.time()
+        for saga_id, scenario in scenario_of.items():
+            state = tail.states.get(saga_id)
+            if state is None or state.is_final or saga_id in run.decided:
+                continue
+            if state.steps["approval"].status is not StepStatus.RUNNING:
+                continue
+            asked = _started_at(tail.events[saga_id], "approval")
+            if asked is None:
+                continue
+            if who == OPERATOR and scenario.decision == "escalate":
+                if now - asked >= _OPERATOR_THINKS:
+                    run.decided[saga_id] = "approve"
+                    await client.approve(saga_id, "approval", "escalated to me: approved")
+            elif who != OPERATOR and scenario.decision in ("approve", "reject"):
+                if now - asked < _MANAGER_THINKS:
+                    continue
+                run.decided[saga_id] = str(scenario.decision)
+                if scenario.decision == "reject":
+                    note = "too many portions for one rider: call the customer"
+                    await client.reject(saga_id, "approval", note)
+                else:
+                    await client.approve(saga_id, "approval", "a party, fine")
+
+
+_CHEFS = ("Gino", "Rosa", "Tommaso", "Chiara")
+
+
+def _started_at(events: Sequence[EventBase], step: str) -> float | None:
+    return next((e.at for e in events if isinstance(e, StepStarted) and e.step == step), None)
 
 
 async def _watch(run: Run, client: SagaClient, held: list[tuple[Scenario, dict[str, Any]]]) -> bool:
@@ -226,9 +428,11 @@ async def _watch(run: Run, client: SagaClient, held: list[tuple[Scenario, dict[s
         await anyio.sleep(1.0)
         states = run.states()
         if held and run.slow_sent_at is None and _past_the_kitchen(run):
-            await submit(client, [o for _, o in held])
+            await place(
+                client.transport, order_topics(run.fleet.prefix).placed, [o for _, o in held]
+            )
             run.slow_sent_at = time.time()
-            print("  -> the rest is past the kitchen: sending the slow-restaurant order now")
+            print("  -> the rest is past the kitchen: placing the slow-restaurant order now")
         counts = Counter(s.status for s in states)
         ended = sum(
             counts[s] for s in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK)
@@ -385,7 +589,7 @@ def _summary(run: Run) -> None:
         for e in events:
             if isinstance(e, StepStarted) and e.attempt > 1:
                 retries[e.step] += 1
-    for step in ("location", "payment", "restaurant", "rider", "cook", "notify"):
+    for step in _STEPS:
         extra = f"   retries {retries[step]}" if retries[step] else ""
         print(f"  {step:<11} {_stats(step_times.get(step, []))}{extra}")
     if undo_times:
@@ -405,9 +609,113 @@ def _summary(run: Run) -> None:
                 f"\nslow restaurant {saga_id}: {timeouts} attempts of {run.step_timeout:g}s timed"
                 f" out, then {state.status.value if state else '?'} after {seconds:.1f}s"
             )
+    _waiting(run, states)
+    mismatches += _outcome_events(run, states)
     if mismatches:
-        print(f"\nWARNING: {mismatches} scenario(s) did not end as expected (see above)")
+        print(f"\nWARNING: {mismatches} check(s) did not come out as expected (see above)")
     _next_steps(run, states)
+
+
+_STEPS = ("approval", "location", "payment", "restaurant", "kitchen", "rider", "cook", "notify")
+
+
+def _waiting(run: Run, states: dict[str, SagaState]) -> None:
+    """The approvals, the kitchens' confirmations and the delivery windows."""
+    assert run.tail is not None
+    tail = run.tail
+    print("\nwaiting for people and for time:")
+    asked = reminded = escalated = 0
+    decisions: Counter[str] = Counter()
+    for saga_id in run.ids:
+        events = tail.events.get(saga_id, [])
+        if _started_at(events, "approval") is None:
+            continue
+        asked += 1
+        for e in events:
+            if isinstance(e, ApprovalReminded):
+                escalated += e.escalated
+                reminded += not e.escalated
+        approval = states[saga_id].steps["approval"] if saga_id in states else None
+        if approval is not None and approval.output:
+            decisions[f"approved by {approval.output.get('by')}"] += 1
+        elif approval is not None and approval.error is not None:
+            decisions[f"{approval.error.type.lower()}: {approval.error.message}"] += 1
+    skipped = sum(
+        1
+        for i in run.ids
+        if i in states and states[i].steps["approval"].status is StepStatus.SKIPPED
+    )
+    print(
+        f"  approvals: {asked} large orders asked the manager ({skipped} small ones skipped the "
+        f"step); reminders {reminded}, escalations to the operator {escalated}"
+    )
+    for decision, n in sorted(decisions.items()):
+        print(f"    {n} x {decision}")
+    kitchen_waits = [
+        done["kitchen"]
+        for i in run.ids
+        if "kitchen" in (done := _step_seconds(tail.events.get(i, []))[0])
+    ]
+    waited = (
+        f"the sagas waited {_percentile(kitchen_waits, 50) * 1000:.0f} ms (p50), "
+        f"{max(kitchen_waits) * 1000:.0f} ms at most, for them"
+        if kitchen_waits
+        else "no saga waited for one"
+    )
+    print(
+        f"  kitchen confirmations: {len(run.confirmed)} `{KITCHEN_SIGNAL}` signals sent; {waited}"
+    )
+    for scenario, order in run.plan:
+        if not scenario.later:
+            continue
+        saga_id = str(order["order_id"])
+        events = tail.events.get(saga_id, [])
+        scheduled = next(
+            (e for e in events if isinstance(e, StepScheduled) and e.step == "cook"), None
+        )
+        cooked = _started_at(events, "cook")
+        if cooked is None:
+            print(f"  delivery window of {saga_id}: cook never started")
+            continue
+        if scheduled is None:
+            print(
+                f"  delivery window of {saga_id}: it had opened when cook could start (no timer "
+                "needed), cook started at once"
+            )
+            continue
+        ahead = scheduled.due_at - scheduled.at
+        print(
+            f"  delivery window of {saga_id}: cook scheduled at +{scheduled.at - events[0].at:.1f}s"
+            f" for {ahead:.1f}s later, started {cooked - scheduled.due_at:+.2f}s from the window"
+        )
+
+
+def _outcome_events(run: Run, states: dict[str, SagaState]) -> int:
+    """The outcome events consumed, checked against the sagas' ends; the problems found."""
+    assert run.outcomes is not None
+    got = {i: run.outcomes.events.get(i, []) for i in run.ids}
+    kinds = Counter(
+        f"{e.get('type')} ({e.get('status')})" if e.get("status") else str(e.get("type"))
+        for events in got.values()
+        for e in events
+    )
+    topics = order_topics(run.fleet.prefix)
+    print(f"\noutcome events consumed from {topics.completed} and {topics.cancelled}:")
+    print("  " + ("   ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"))
+    wrong = 0
+    for saga_id, state in states.items():
+        if not state.is_final:
+            continue
+        wanted = "order-completed" if state.status is SagaStatus.COMPLETED else "order-cancelled"
+        if [e.get("type") for e in got[saga_id]] != [wanted]:
+            wrong += 1
+            print(f"  {saga_id} ended {state.status.value} but published {got[saga_id]}")
+    if not wrong:
+        print("  every order that ended published exactly one, matching how it ended")
+    example = next((e[0] for e in got.values() if e and e[0].get("approved_by")), None)
+    if example is not None:
+        print(f"  e.g. {orjson.dumps(example).decode()[:200]}")
+    return 1 if wrong else 0
 
 
 def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
@@ -427,6 +735,15 @@ def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
         print(f"  as the operator, first:  set -a; . {env_file}; set +a")
     print(f"  replay:  python -m saga replay {example} {common}")
     print(f"  list:    python -m saga list {common}")
+    approver = "as the operator (an approver once escalated)" if secure is not None else "as a"
+    print(
+        f"  decide:  python -m saga approve ID approval --note 'ok' {common}   "
+        f"({approver}{' principal of the step' if secure is None else ''}; or saga reject)"
+    )
+    print(
+        f"  confirm: python -m saga signal ID {KITCHEN_SIGNAL} "
+        f"""--data '{{"chef": "Gino"}}' {common}"""
+    )
     for saga_id in stuck:
         print(f"  stuck:   python -m saga retry {saga_id} {common}   (or: saga resolve)")
     print(f"  data:    {run.fleet.data_dir}   logs: {run.fleet.log_dir}")
@@ -516,7 +833,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().error("--count must be at least 1")
     prefix = args.prefix or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     data_dir: Path = args.data_dir or Path("var") / prefix
-    env: dict[str, str] = {}
+    env: dict[str, str] = {
+        "SAGA_APPROVAL_REMIND": f"{APPROVAL_REMIND:g}",
+        "SAGA_APPROVAL_ESCALATE": f"{APPROVAL_ESCALATE:g}",
+        "SAGA_APPROVAL_TIMEOUT": f"{APPROVAL_TIMEOUT:g}",
+    }
     if args.step_timeout:
         env["SAGA_STEP_TIMEOUT"] = str(args.step_timeout)
         step_timeout = float(args.step_timeout)

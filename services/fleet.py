@@ -12,6 +12,11 @@ period; it runs on exit from the ``with`` block whatever the reason.
 `wait_ready` sends a canary order through the whole saga: when it completes, the coordinator and
 every service on the happy path are members of their consumer groups and serving.
 
+The order's own event topics (`services.app.order_topics`: ``order-placed``, which starts
+sagas, and the outcome topics) are created before the coordinator starts: its trigger relay
+subscribes to ``order-placed`` at once, and a consumer learns of a topic made later only at its
+next metadata refresh.
+
 Without a `services.secure.SecureSetup` the processes run unsigned (``SAGA_UNSIGNED=1``, which
 the ``saga`` command requires to be explicit) on a plain broker. With one, each process
 connects and signs as its own principal (the coordinator as ``coordinator``, each service as
@@ -35,9 +40,9 @@ import anyio
 from deploy._proc import Child, stop_all
 from saga import Coordinator, SagaClient, SagaStatus, SagaTimeout, TransportError
 from saga.adapters.kafka import KafkaTransport
-from services.app import sagas
+from services.app import order_topics, sagas_for
 from services.orders import make_order, submit
-from services.secure import CLIENT, TRUST_ENV, SecureSetup
+from services.secure import CLIENT, MANAGER, OPERATOR, TRUST_ENV, SecureSetup
 from services.secure import COORDINATOR as COORDINATOR_PRINCIPAL
 
 __all__ = ["COORDINATOR", "PARTICIPANTS", "Fleet", "ManagedProcess", "ProcessExited"]
@@ -49,6 +54,7 @@ PARTICIPANTS = ("location", "payment", "restaurant", "rider", "notification")
 """The services, each served by ``services.<name>:participant``."""
 
 _ROOT = Path(__file__).resolve().parent.parent
+_EVENT_PARTITIONS = 6
 
 
 class ProcessExited(RuntimeError):
@@ -145,6 +151,7 @@ class Fleet:
         """Starts the coordinator and every participant (they come up in the background)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        anyio.run(self._ensure_event_topics)
         try:
             self._spawn(COORDINATOR, ["coordinator", "--app", "services.app:sagas"])
             for service in PARTICIPANTS:
@@ -238,6 +245,11 @@ class Fleet:
 
     # -- readiness ---------------------------------------------------------------------------
 
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        """The order's event topics under the fleet's prefix: placed, completed, cancelled."""
+        return order_topics(self.prefix).all()
+
     def client(self, *, deadline: float = 20.0) -> SagaClient:
         """A client on the fleet's prefix: signing as ``client`` on the setup's secured
         transport, or unsigned on the plain broker.
@@ -248,6 +260,40 @@ class Fleet:
         if self.secure is not None:
             return self.secure.client(CLIENT, deadline=deadline)
         return SagaClient(KafkaTransport(self.bootstrap, deadline=deadline), prefix=self.prefix)
+
+    def manager(self, *, deadline: float = 20.0) -> SagaClient:
+        """A client that decides approvals as ``manager`` (`services.app.APPROVERS`): signing
+        as it on the secured broker, else claiming to be it (unsigned, the coordinator records
+        the claim as unverified and checks it against the step's approvers).
+
+        Args:
+            deadline: The transport's deadline.
+        """
+        return self._person(MANAGER, deadline)
+
+    def operator(self, *, deadline: float = 20.0) -> SagaClient:
+        """A client acting as ``operator``, to whom approvals are escalated
+        (`services.app.ESCALATE_TO`), signing or claiming as `manager` does.
+
+        Args:
+            deadline: The transport's deadline.
+        """
+        return self._person(OPERATOR, deadline)
+
+    def _person(self, principal: str, deadline: float) -> SagaClient:
+        if self.secure is not None:
+            return self.secure.client(principal, deadline=deadline)
+        transport = KafkaTransport(self.bootstrap, deadline=deadline)
+        return SagaClient(transport, prefix=self.prefix, actor=principal)
+
+    async def _ensure_event_topics(self) -> None:
+        """Creates the order's event topics, as the coordinator's principal when secured (it
+        may create them; the client may only use them)."""
+        if self.secure is not None:
+            transport = self.secure.transport(COORDINATOR_PRINCIPAL)
+        else:
+            transport = KafkaTransport(self.bootstrap, deadline=30)
+        await transport.ensure_topics(list(self.topics), _EVENT_PARTITIONS)
 
     async def ensure_topics(self, client: SagaClient) -> None:
         """Creates the saga topics as the coordinator does, if they are missing.
@@ -261,7 +307,8 @@ class Fleet:
         transport = client.transport
         if self.secure is not None:
             transport = self.secure.transport(COORDINATOR_PRINCIPAL)
-        await Coordinator(sagas, transport=transport, prefix=self.prefix).ensure_topics()
+        definitions = sagas_for(self.prefix)  # this process's SAGA_PREFIX may be another
+        await Coordinator(definitions, transport=transport, prefix=self.prefix).ensure_topics()
 
     async def wait_ready(self, client: SagaClient, timeout: float = 90.0) -> float:
         """Sends canary orders until one completes; returns the seconds it took.

@@ -3,13 +3,22 @@
 Every order is started with ``saga_id = order_id``, so starting the same order twice starts one
 saga, and every service can find an order by the saga id. Orders always carry a ``faults``
 object (empty unless a failure is asked for): the step input templates read
-``$.input.faults``, and a missing path would fail the step.
+``$.input.faults``, and a missing path would fail the step. They also always carry
+``deliver_after`` (when the delivery window opens: the ``cook`` step's timer; now, unless
+asked otherwise) and ``kitchen_confirms`` (whether the restaurant's kitchen confirms the order
+by hand with the ``kitchen_confirmed`` signal; no, unless asked).
+
+Two ways in: `submit` asks the engine directly (`SagaClient.start`); `place` publishes
+``order-placed`` events (`placed_event`) to the order topic, as an ordering front end would,
+and the saga's trigger starts one saga per event (`services.app.order_topics`).
 
 Command line::
 
-    python -m services.orders --count 20 --fail-rate 0.2 [--prefix P] [--bootstrap-servers B]
+    python -m services.orders --count 20 --fail-rate 0.2 [--events] [--prefix P]
+        [--bootstrap-servers B]
 
-prints the ids of the sagas it started, one per line.
+prints the ids of the sagas it started (or the orders it placed, with ``--events``), one per
+line.
 """
 
 from __future__ import annotations
@@ -18,22 +27,30 @@ import argparse
 import os
 import random
 import sys
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import orjson
 
 from saga import SagaClient, StepContext, TransportError
+from saga.runtime.ports import Outgoing, Transport
+from services.app import LARGE_ORDER, order_topics
 
 __all__ = [
     "CUSTOMERS",
+    "LARGE_ORDER",
     "MENU",
     "RECOVERABLE_FAULTS",
     "SAGA_NAME",
     "main",
     "make_order",
     "order_id_of",
+    "place",
+    "placed_event",
     "submit",
 ]
 
@@ -70,27 +87,66 @@ RECOVERABLE_FAULTS: tuple[dict[str, str], ...] = (
 """Faults for ``--fail-rate``: each ends in ``completed`` or ``compensated``."""
 
 
-def make_order(i: int, fault: Mapping[str, str] | None = None) -> dict[str, Any]:
+def make_order(
+    i: int,
+    fault: Mapping[str, str] | None = None,
+    *,
+    large: bool = False,
+    kitchen_confirms: bool = False,
+    deliver_after: float | None = None,
+) -> dict[str, Any]:
     """A realistic order, the same dishes for the same ``i``, with a fresh order id.
 
     Args:
         i: The order's number; it picks the customer, zone, restaurant and dishes.
         fault: Faults for `services.faults`, keyed ``"<step>.<action>"``.
+        large: A party's order, over `LARGE_ORDER` (a manager approves it); otherwise the
+            order stays at or under it (no approval).
+        kitchen_confirms: Whether the kitchen confirms the order by hand (the saga then waits
+            for its ``kitchen_confirmed`` signal).
+        deliver_after: When the delivery window opens (seconds since the epoch); default now.
     """
     rng = random.Random(i)
-    dishes = rng.sample(sorted(MENU), k=rng.randint(1, 3))
-    quantities = {d: rng.randint(1, 2) for d in dishes}
+    dishes = rng.sample(sorted(MENU), k=rng.randint(2, 3) if large else rng.randint(1, 3))
+    quantities = {d: rng.randint(3, 4) if large else rng.randint(1, 2) for d in dishes}
+    while not large and _amount(quantities) > LARGE_ORDER:
+        # A small order: fewer portions of the dearest dish until it fits.
+        dearest = max((d for d in quantities if quantities[d] > 1), key=MENU.__getitem__)
+        quantities[dearest] -= 1
     items = [{"dish": d, "quantity": q, "price": MENU[d]} for d, q in quantities.items()]
-    amount = round(sum(q * MENU[d] for d, q in quantities.items()) + _DELIVERY_FEE, 2)
+    when = time.time() if deliver_after is None else deliver_after
     return {
         "order_id": f"order-{i:04d}-{uuid.uuid4().hex[:8]}",
         "customer": f"{rng.choice(CUSTOMERS)} #{1000 + rng.randrange(9000)}",
         "zone": rng.choice(_ZONES),
         "restaurant": rng.choice(RESTAURANTS),
         "items": items,
-        "amount": amount,
+        "amount": _amount(quantities),
+        "kitchen_confirms": kitchen_confirms,
+        "deliver_after": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds"),
         "faults": dict(fault or {}),
     }
+
+
+def _amount(quantities: Mapping[str, int]) -> float:
+    return round(sum(q * MENU[d] for d, q in quantities.items()) + _DELIVERY_FEE, 2)
+
+
+def placed_event(order: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``order-placed`` event of an order, as the ordering front end publishes it (the
+    saga's trigger reads ``$.event.order``)."""
+    return {"type": "order-placed", "placed_at": time.time(), "order": dict(order)}
+
+
+async def place(transport: Transport, topic: str, orders: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Publishes one ``order-placed`` event per order to ``topic`` (keyed by order id);
+    returns the order ids, which are the ids of the sagas they start."""
+    records = [
+        Outgoing(topic, str(o["order_id"]).encode(), orjson.dumps(placed_event(o))) for o in orders
+    ]
+    async with transport.producer() as producer:
+        await producer.send(records)
+    return [r.key.decode() for r in records if r.key is not None]
 
 
 async def submit(client: SagaClient, orders: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -122,7 +178,12 @@ async def _main(args: argparse.Namespace) -> None:
     from saga.adapters.kafka import KafkaTransport
 
     orders = _orders(args.count, args.fail_rate, args.seed)
-    async with SagaClient(KafkaTransport(args.bootstrap_servers), prefix=args.prefix) as client:
+    transport = KafkaTransport(args.bootstrap_servers)
+    if args.events:
+        for order_id in await place(transport, order_topics(args.prefix).placed, orders):
+            print(order_id, flush=True)
+        return
+    async with SagaClient(transport, prefix=args.prefix) as client:
         for saga_id in await submit(client, orders):
             print(saga_id, flush=True)
 
@@ -135,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fail-rate", type=float, default=0.0, help="share of orders given a fault (0 to 1)"
     )
     parser.add_argument("--seed", type=int, help="seed for choosing the faulty orders")
+    parser.add_argument(
+        "--events", action="store_true", help="publish order-placed events instead of starting"
+    )
     parser.add_argument(
         "--bootstrap-servers", default=os.environ.get("SAGA_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     )

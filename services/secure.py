@@ -5,10 +5,12 @@ services, a client and an operator) need on a secured broker (`deploy.kafka_secu
 
 - an Ed25519 signing key per principal (``<directory>/<principal>.key``, mode 0600): the
   ``coordinator``, each service (the principal of the same name) and, for the requests,
-  ``client`` and ``operator``;
+  ``client``, ``operator`` and ``manager``;
 - the keyring of their public keys (``keyring.yaml``) and a policy (``policy.yaml``): the
   coordinator is the only coordinator, each service answers for itself only, ``client`` may
-  start the deployment's sagas and ``operator`` may cancel, retry and resolve any saga;
+  start the deployment's sagas and signal them (the demo plays the kitchens, which confirm
+  orders), ``manager`` may decide their approval steps, and ``operator`` may cancel, retry
+  and resolve any saga, and decide approvals escalated to it;
 - optionally an AES-GCM payload key file (``payload-keys.json``, 0600) for payload sealing;
 - the broker ACLs of the prefix (`deploy.kafka_secure.engine_acls`).
 
@@ -44,7 +46,9 @@ from saga.runtime.trust import ENV_SETTINGS, Keyring, SigningKey, new_key
 __all__ = [
     "CLIENT",
     "COORDINATOR",
+    "MANAGER",
     "OPERATOR",
+    "SIGNERS_ONLY",
     "TRUST_ENV",
     "LocalSecureBroker",
     "SecureBroker",
@@ -57,6 +61,11 @@ CLIENT = "client"
 """The principal that starts sagas (the demo, the tests)."""
 OPERATOR = "operator"
 """The principal that cancels, retries and resolves sagas."""
+MANAGER = "manager"
+"""The principal that approves large orders. It signs only: it has no broker user of its own,
+and its requests go over the broker connection of ``client`` (`SecureSetup.client`)."""
+SIGNERS_ONLY = (MANAGER,)
+"""Principals with a signing key but no broker user: they connect as `CLIENT`."""
 
 TRUST_ENV = (
     ENV_SETTINGS["signing_key"],
@@ -154,10 +163,19 @@ def _policy(services: Iterable[str], sagas: Sequence[str]) -> str:
         "services": {s: [s] for s in services},
         "rules": [
             {"name": "the client starts sagas", "who": [CLIENT], "may": ["start"], "sagas": sagas},
+            # The demo's client plays the kitchens too, which confirm orders with a signal.
+            {"name": "kitchens confirm orders", "who": [CLIENT], "may": ["signal"], "sagas": sagas},
+            {
+                "name": "managers decide approvals",
+                "who": [MANAGER],
+                "may": ["approve"],
+                "sagas": sagas,
+            },
             {
                 "name": "the operator operates",
                 "who": [OPERATOR],
-                "may": ["cancel", "retry", "resolve"],
+                # approve: escalated approvals reach the operator (`services.app.ESCALATE_TO`)
+                "may": ["cancel", "retry", "resolve", "approve"],
                 "sagas": ["*"],
             },
         ],
@@ -196,8 +214,14 @@ class SecureSetup:
 
     @property
     def principals(self) -> tuple[str, ...]:
-        """Every principal with a signing key: coordinator, services, client, operator."""
-        return (COORDINATOR, *self.services, CLIENT, OPERATOR)
+        """Every principal with a signing key: coordinator, services, client, operator,
+        manager."""
+        return (COORDINATOR, *self.services, CLIENT, OPERATOR, *SIGNERS_ONLY)
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        """The principals that connect to the broker as themselves (all but `SIGNERS_ONLY`)."""
+        return tuple(p for p in self.principals if p not in SIGNERS_ONLY)
 
     @property
     def keyring(self) -> Path:
@@ -242,7 +266,7 @@ class SecureSetup:
             InfraError: The ACLs could not be created.
         """
         setup = cls(broker, prefix, tuple(dict.fromkeys(services)), directory, None)
-        missing = [p for p in setup.principals if p not in broker.users]
+        missing = [p for p in setup.users if p not in broker.users]
         if missing:
             raise KeyError(f"the secured broker has no users {missing}: add them to its users")
         directory.mkdir(parents=True, exist_ok=True)
@@ -309,12 +333,17 @@ class SecureSetup:
     def client(self, principal: str = CLIENT, *, deadline: float = 30.0) -> SagaClient:
         """A `SagaClient` on the prefix that connects and signs as ``principal``.
 
+        A principal of `SIGNERS_ONLY` (``manager``) connects as ``client`` and signs as
+        itself.
+
         Args:
-            principal: ``client`` (starts sagas) or ``operator`` (operates them).
+            principal: ``client`` (starts sagas), ``operator`` (operates them) or ``manager``
+                (decides approvals).
             deadline: The transport's deadline.
         """
+        connects_as = CLIENT if principal in SIGNERS_ONLY else principal
         return SagaClient(
-            self.transport(principal, deadline=deadline),
+            self.transport(connects_as, deadline=deadline),
             prefix=self.prefix,
             signer=self.signer(principal),
         )

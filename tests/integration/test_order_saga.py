@@ -99,9 +99,13 @@ async def test_happy_path_completes_with_every_effect_applied_once(services: Ser
     await services.run(order)  # starting the same order again starts nothing new
 
     assert state.status is SagaStatus.COMPLETED
-    assert {n: s.status for n, s in state.steps.items()} == dict.fromkeys(
-        state.steps, StepStatus.SUCCEEDED
-    )
+    # A small order needs no approval, and this restaurant's kitchen does not confirm by hand:
+    # both conditional steps are skipped (tests/integration/test_primitives_fleet.py runs them).
+    waiting = {"approval": StepStatus.SKIPPED, "kitchen": StepStatus.SKIPPED}
+    assert {n: s.status for n, s in state.steps.items()} == {
+        **dict.fromkeys(state.steps, StepStatus.SUCCEEDED),
+        **waiting,
+    }
     assert effects(services, order_id) == {
         "slot": ["reserved"],
         "charge": ["charged"],
