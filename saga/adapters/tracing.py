@@ -10,6 +10,21 @@ Traces. Each saga is one trace (its id derived from the saga id, `saga.runtime.t
   saga, step, phase and attempt, so the command's ``traceparent`` header is known before the
   span exists; ``compensate`` sends carry a link to the forward step's send span;
 - ``backoff <step>``: the wait before a retry, from the failure to the retry time;
+- ``timer <step>``: a step's durable timer (``delay``, ``start_at``), from the moment it was
+  scheduled to its due time (made when it is set, so a restart cannot lose it; a timer that a
+  compensation cancels still ends at its due time, and its ``skip`` span says when it was
+  cancelled);
+- ``wait <step>`` and ``approval <step>``: a step waiting for its signal or for a decision, from
+  its start to its end (made when it ends), with the signal and its sender, or who decided
+  (``saga.approval.by``, ``saga.approval.decision``), as attributes, and the approval's
+  reminders and escalations as span events (those a coordinator saw before a restart are
+  counted in ``saga.approval.reminders`` but have no event);
+- ``start saga <name>``: a sub-saga step starting its child, linked to the child's root span
+  (the child's root links back to the parent's through the start request's headers);
+- ``for_each <step>``: a fan-out step, from its expansion to its end; each item's command spans
+  are named with the item (``send kitchen cook dishes[1]``);
+- ``skip <step>``: a step that will not run (its condition was false, or its timer was
+  cancelled), with the reason;
 - ``handle <service> <action>``: the participant's work, a consumer span under the send span,
   with the user's own spans nested inside;
 - ``saga <outcome>``: from start to end, once the saga is completed, compensated or stuck.
@@ -59,7 +74,9 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from saga.core.definition import split_item
 from saga.core.messages import (
+    ApprovalReminded,
     Command,
     CompensationRetryScheduled,
     ErrorInfo,
@@ -68,13 +85,19 @@ from saga.core.messages import (
     SagaCompleted,
     SagaStarted,
     SagaStuck,
+    SignalReceived,
     StartSaga,
+    StepEvent,
     StepFailedEvent,
     StepRetryScheduled,
+    StepScheduled,
+    StepSkipped,
+    StepStarted,
     StepStuck,
     StepSucceeded,
     StepTimedOut,
 )
+from saga.core.state import SagaState, StepState, StepStatus
 from saga.runtime.observe import Committed, Handling, Outbound
 from saga.runtime.ports import Headers
 from saga.runtime.redaction import Redactor, redactor_from_env, safely
@@ -137,6 +160,29 @@ def _inject(context: otel_context.Context | None = None) -> Headers:
     carrier: dict[str, str] = {}
     _propagator.inject(carrier, context)
     return tuple((k, v.encode()) for k, v in carrier.items())
+
+
+def _unit_name(base: str, step: str) -> str:
+    """A span name for one step's work: ``base``, with the item for a fan-out's item
+    (``send kitchen cook dishes[1]``), so that items are told apart in a trace."""
+    return f"{base} {step}" if split_item(step)[1] is not None else base
+
+
+def _step_label(step: str) -> str:
+    """A step's name as a metric label: an item counts under its step (``dishes[1]`` is
+    ``dishes``), so a fan-out over a thousand items makes one series, not a thousand."""
+    return split_item(step)[0]
+
+
+class _Waiting:
+    """What this process saw of a step that waits (a signal or a decision) since it began,
+    kept until the step ends: its kind and its reminders."""
+
+    __slots__ = ("kind", "reminders")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.reminders: list[ApprovalReminded] = []
 
 
 class _SpanHandling:
@@ -204,6 +250,10 @@ class OpenTelemetryObserver:
         self._handled = meter.create_counter("saga.participant.handled")
         self._handle_duration = meter.create_histogram("saga.participant.duration", unit="s")
         self._in_flight: list[Callable[[], int]] = []
+        # Waiting steps begun in this process, by saga id and step; a step's span is made when
+        # it ends (its end is not known before), from the state's start time, so after a
+        # restart only what this cache adds (the reminders' times) is missing.
+        self._waiting: dict[tuple[str, str], _Waiting] = {}
         meter.create_observable_gauge(
             "saga.sagas.in_flight", callbacks=[self._observe_in_flight], description="Sagas running"
         )
@@ -295,6 +345,7 @@ class OpenTelemetryObserver:
             "saga.phase": command.phase,
             "saga.attempt": command.attempt,
             "saga.idempotency_key": command.idempotency_key,
+            **_item_attributes(command.step),
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
         }
@@ -306,7 +357,7 @@ class OpenTelemetryObserver:
             self._handled.add(1, {**labels, "outcome": outcome})
             self._handle_duration.record(seconds, {**labels, "outcome": outcome})
 
-        name = f"handle {service} {command.action}"
+        name = _unit_name(f"handle {service} {command.action}", command.step)
         with self.tracer.start_as_current_span(
             name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         ) as span:
@@ -352,6 +403,7 @@ class OpenTelemetryObserver:
             self._send(command, state.steps[command.step].attempt, root, base, start, end)
         for event in events:
             self._metrics_and_marks(event, state, root, base, scrub)
+        self._primitives(item, state, root, base, scrub, (start, end))
 
     def _root(
         self, event: SagaStarted, trace_id: int, base: dict[str, Any], headers: Headers
@@ -394,12 +446,13 @@ class OpenTelemetryObserver:
         span_id = command_span_id(saga_id, command.step, command.phase, command.attempt)
         with _ids(None, span_id):
             span = self.tracer.start_span(
-                f"{verb} {command.service} {command.action}",
+                _unit_name(f"{verb} {command.service} {command.action}", command.step),
                 context=root,
                 kind=SpanKind.PRODUCER,
                 attributes={
                     **base,
                     "saga.step": command.step,
+                    **_item_attributes(command.step),
                     "saga.phase": command.phase,
                     "saga.attempt": command.attempt,
                     "messaging.system": "kafka",
@@ -421,7 +474,7 @@ class OpenTelemetryObserver:
         labels = {"saga": state.name}
         if isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
             phase = "action" if isinstance(event, StepRetryScheduled) else "compensation"
-            self._retries.add(1, {**labels, "step": event.step, "phase": phase})
+            self._retries.add(1, {**labels, "step": _step_label(event.step), "phase": phase})
             span = self.tracer.start_span(
                 f"backoff {event.step}",
                 context=root,
@@ -447,7 +500,8 @@ class OpenTelemetryObserver:
                     else "timed_out"
                 )
                 self._step_duration.record(
-                    event.at - started, {**labels, "step": event.step, "outcome": outcome}
+                    event.at - started,
+                    {**labels, "step": _step_label(event.step), "outcome": outcome},
                 )
         elif type(event) in _ENDINGS:
             status = _ENDINGS[type(event)]
@@ -466,6 +520,190 @@ class OpenTelemetryObserver:
             if status == "stuck":
                 span.set_status(Status(StatusCode.ERROR, scrub(state.reason or "") or "stuck"))
             span.end(_ns(event.at))
+
+    # -- the steps that wait, branch, fan out or start sagas ---------------------------------
+
+    def _primitives(
+        self,
+        item: Committed,
+        state: SagaState,
+        root: otel_context.Context,
+        base: dict[str, Any],
+        scrub: Callable[[str], str],
+        window: tuple[int, int],
+    ) -> None:
+        """Spans for timers, skipped steps, sub-saga starts, and (when they end) waiting and
+        fan-out steps, from one committed decision."""
+        decision = item.decision
+        commanded = {c.step for c in decision.commands}
+        children = {r.saga_id: r for r in decision.requests if isinstance(r, StartSaga)}
+        asked = {s for a in decision.alerts if a.kind == "approval" for s in a.steps}
+        signals = {e.name: e for e in decision.events if isinstance(e, SignalReceived)}
+        for event in decision.events:
+            if not isinstance(event, StepEvent):
+                continue
+            key = (state.saga_id, event.step)
+            attributes = {**base, "saga.step": event.step, **_item_attributes(event.step)}
+            if isinstance(event, StepScheduled):
+                # Made now, ending at its due time (as a backoff is): a timer a day away is seen
+                # while it runs, and a restart cannot lose when it was set.
+                span = self.tracer.start_span(
+                    f"timer {event.step}",
+                    context=root,
+                    attributes={**attributes, "saga.due_at": event.due_at},
+                    start_time=_ns(event.at),
+                )
+                span.end(_ns(max(event.due_at, event.at)))
+            elif isinstance(event, StepSkipped):
+                span = self.tracer.start_span(
+                    f"skip {event.step}",
+                    context=root,
+                    attributes={**attributes, "saga.reason": scrub(event.reason)},
+                    start_time=_ns(event.at),
+                )
+                span.end(_ns(event.at))
+            elif isinstance(event, StepStarted) and event.child is not None:
+                self._child(event, event.child, children.get(event.child), root, attributes, window)
+            elif isinstance(event, StepStarted) and event.step not in commanded:
+                approval = event.step in asked or event.wake_at is not None
+                self._waiting[key] = _Waiting("approval" if approval else "wait")
+            elif isinstance(event, ApprovalReminded):
+                waiting = self._waiting.get(key)
+                if waiting is not None:
+                    waiting.reminders.append(event)
+            elif isinstance(event, StepSucceeded | StepFailedEvent | StepStuck):
+                self._step_ended(item, event, state, root, attributes, scrub, signals)
+        if state.is_final:
+            for done in [k for k in self._waiting if k[0] == state.saga_id]:
+                del self._waiting[done]
+
+    def _child(
+        self,
+        event: StepStarted,
+        child: str,
+        request: StartSaga | None,
+        root: otel_context.Context,
+        attributes: dict[str, Any],
+        window: tuple[int, int],
+    ) -> None:
+        """A sub-saga step's start: a producer span naming the child, linked to its trace."""
+        name = request.saga_name if request is not None else "?"
+        link = Link(
+            SpanContext(trace_id_for(child), root_span_id(child), True, TraceFlags(1)),
+            {"saga.link": "child"},
+        )
+        span = self.tracer.start_span(
+            f"start saga {name}",
+            context=root,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                **attributes,
+                "saga.attempt": event.attempt,
+                "saga.child.id": child,
+                "saga.child.name": name,
+            },
+            links=[link],
+            start_time=window[0],
+        )
+        span.end(window[1])
+
+    def _step_ended(
+        self,
+        item: Committed,
+        event: StepSucceeded | StepFailedEvent | StepStuck,
+        state: SagaState,
+        root: otel_context.Context,
+        attributes: dict[str, Any],
+        scrub: Callable[[str], str],
+        signals: dict[str, SignalReceived],
+    ) -> None:
+        """The span of a waiting or fan-out step that has just ended, if it is one."""
+        step = state.steps.get(event.step)
+        prior = item.before.steps.get(event.step) if item.before is not None else None
+        if step is None or step.started_at is None:
+            return
+        if isinstance(event, StepStuck) and event.phase != "action":
+            return
+        if _expanded(state, event):
+            self._fan_out(event, step, state, root, attributes)
+            return
+        waiting = self._waiting.pop((state.saga_id, event.step), None)
+        if waiting is None:
+            if not _waited(item, event, prior):
+                return
+            waiting = _Waiting(_kind_of(event, prior))
+        attributes = {**attributes, "saga.attempt": event.attempt}
+        attributes["saga.outcome"] = _OUTCOMES[type(event)]
+        if waiting.kind == "approval":
+            attributes["saga.approval.reminders"] = step.reminders
+            decided = self._decided(event)
+            attributes.update(decided)
+        elif isinstance(event, StepSucceeded) and event.signal is not None:
+            attributes["saga.signal"] = event.signal
+            received = signals.get(event.signal)
+            if received is not None and received.by:
+                attributes["saga.signal.by"] = received.by
+        if isinstance(event, StepFailedEvent | StepStuck):
+            attributes["saga.error.type"] = event.error.type
+            attributes["saga.error.message"] = safely(self.redactor, event.error)[:500]
+        span = self.tracer.start_span(
+            f"{waiting.kind} {event.step}",
+            context=root,
+            attributes=attributes,
+            start_time=_ns(step.started_at),
+        )
+        for reminder in waiting.reminders:
+            what = "approval_escalated" if reminder.escalated else "approval_reminded"
+            span.add_event(what, {"recipients": reminder.recipients}, _ns(reminder.at))
+        if isinstance(event, StepStuck):
+            span.set_status(Status(StatusCode.ERROR, scrub(event.error.type)))
+        span.end(_ns(event.at))
+
+    def _decided(self, event: StepSucceeded | StepFailedEvent | StepStuck) -> dict[str, Any]:
+        """Who decided an approval step, and how (``approved``, ``rejected``, ``timed out``,
+        ``abandoned``); the note only with ``record_payloads``, as it is free text."""
+        found: dict[str, Any] = {}
+        if isinstance(event, StepSucceeded):
+            found["saga.approval.decision"] = "approved"
+            by, note = event.output.get("by"), event.output.get("note")
+        else:
+            error = event.error
+            decision = {"Rejected": "rejected", "Timeout": "timed out", "Abandoned": "abandoned"}
+            found["saga.approval.decision"] = decision.get(error.type, error.type)
+            by, note = None, None
+            if error.type == "Rejected" and error.message.startswith("rejected by "):
+                # The core writes "rejected by <principal>: <note>"; the principal is kept.
+                by = error.message.removeprefix("rejected by ").partition(": ")[0]
+        if isinstance(by, str) and by:
+            found["saga.approval.by"] = by
+        if self.record_payloads and isinstance(note, str) and note:
+            found["saga.approval.note"] = note[:500]
+        return found
+
+    def _fan_out(
+        self,
+        event: StepSucceeded | StepFailedEvent | StepStuck,
+        step: StepState,
+        state: SagaState,
+        root: otel_context.Context,
+        attributes: dict[str, Any],
+    ) -> None:
+        """A ``for_each`` step's span, from its expansion to its end, with its items' count."""
+        assert step.started_at is not None
+        items = [n for n in state.steps if split_item(n)[0] == event.step and n != event.step]
+        done = sum(state.steps[n].status is StepStatus.SUCCEEDED for n in items)
+        span = self.tracer.start_span(
+            f"for_each {event.step}",
+            context=root,
+            attributes={
+                **attributes,
+                "saga.items": len(items),
+                "saga.items.succeeded": done,
+                "saga.outcome": _OUTCOMES[type(event)],
+            },
+            start_time=_ns(step.started_at),
+        )
+        span.end(_ns(event.at))
 
     # -- error text --------------------------------------------------------------------------
 
@@ -502,6 +740,72 @@ class OpenTelemetryObserver:
         return found
 
 
-_ATTRIBUTES = frozenset({"step", "attempt", "reason", "retry_at", "deadline_at", "phase"})
-"""The event fields a span event carries (no payloads: those may hold personal data)."""
+_ATTRIBUTES = frozenset(
+    {
+        "step",
+        "attempt",
+        "reason",
+        "retry_at",
+        "deadline_at",
+        "phase",
+        "due_at",
+        "wake_at",
+        "next_at",
+        "count",
+        "child",
+        "signal",
+        "name",
+        "escalated",
+        "recipients",
+        "compensating",
+        "by",
+    }
+)
+"""The event fields a span event carries (names, times and principals; no payloads: those
+may hold personal data)."""
+_OUTCOMES: dict[type[EventBase], str] = {
+    StepSucceeded: "succeeded",
+    StepFailedEvent: "failed",
+    StepStuck: "stuck",
+}
+
+
+def _item_attributes(step: str) -> dict[str, Any]:
+    """``saga.item``: the index of a fan-out's item (nothing for a step's own name)."""
+    index = split_item(step)[1]
+    return {} if index is None else {"saga.item": index}
+
+
+def _expanded(state: SagaState, event: StepEvent) -> bool:
+    """Whether ``event``'s step is a fan-out (its items are steps of the state)."""
+    return any(split_item(name)[0] == event.step and name != event.step for name in state.steps)
+
+
+def _waited(
+    item: Committed, event: StepSucceeded | StepFailedEvent | StepStuck, prior: StepState | None
+) -> bool:
+    """Whether ``event`` ends a step that waited for a signal or a decision, when this process
+    did not see it begin: it was running with no child, and no reply of its own ended it (a
+    command step ends by its reply, or by a technical timeout, never otherwise)."""
+    if prior is None or prior.status is not StepStatus.RUNNING or prior.child is not None:
+        return False
+    reply = item.reply
+    if reply is not None and reply.step == event.step and reply.phase == "action":
+        return False
+    return not isinstance(event, StepStuck) or event.error.business
+
+
+def _kind_of(event: StepSucceeded | StepFailedEvent | StepStuck, prior: StepState | None) -> str:
+    """``wait`` or ``approval``, read from how the step ended (`saga.core.primitives` writes
+    an approval's output and errors so; a wait's success names its signal)."""
+    if isinstance(event, StepSucceeded):
+        return "wait" if event.signal is not None or "approved" not in event.output else "approval"
+    error = event.error
+    if error.type == "Rejected" or error.message.startswith("no decision"):
+        return "approval"
+    if prior is not None and (prior.reminders or prior.wake_at is not None):
+        return "approval"
+    return "wait"
+
+
 _WITH_ERROR = (StepRetryScheduled, StepFailedEvent, StepStuck, CompensationRetryScheduled)

@@ -68,7 +68,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("graph", parents=[common], help="print a definition's DAG")
     p.add_argument("name")
     p.add_argument("--app", required=True, help="MODULE:ATTR naming definitions")
-    p.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    p.add_argument(
+        "--format",
+        choices=["mermaid", "dot", "text"],
+        default="mermaid",
+        help="mermaid (renders on GitHub), dot (Graphviz) or text (a list of the steps)",
+    )
     p.set_defaults(handler=_graph)
 
 
@@ -184,6 +189,7 @@ async def _graph(args: argparse.Namespace) -> int:
     if args.name not in found:
         raise CliError(f"no saga {args.name!r} in {args.app}; it has {sorted(found)}")
     d = found[args.name]
-    text = graph.mermaid(d) if args.format == "mermaid" else graph.dot(d)
+    draw = {"mermaid": graph.mermaid, "dot": graph.dot, "text": graph.text}[args.format]
+    text = draw(d)
     out(args, {"name": d.name, "format": args.format, "graph": text}, text)
     return 0

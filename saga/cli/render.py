@@ -17,12 +17,19 @@ from rich.table import Table
 from rich.text import Text
 
 from saga.core.messages import (
+    ApprovalReminded,
     CompensationRetryScheduled,
     EventBase,
+    SagaDeadlinePassed,
+    SignalReceived,
+    SignalRejected,
     StepEvent,
     StepFailedEvent,
     StepRetryScheduled,
+    StepSkipped,
+    StepStarted,
     StepStuck,
+    StepSucceeded,
 )
 from saga.core.state import SagaState
 from saga.views.jaeger import TraceSpan, orphans, trace_millis, waterfall_rows
@@ -202,6 +209,32 @@ def replay_view(events: Sequence[EventBase], width: int = 60) -> RenderableType:
     return Group(head, Text(""), table, Text(""), drawing)
 
 
+def _lead(e: EventBase, data: dict[str, Any]) -> list[str]:
+    """What an event of the primitives says in words, first in its detail; the fields that it
+    words are taken out of ``data``, so they are not shown twice."""
+    if isinstance(e, StepSkipped):
+        return []  # its reason is the whole story, and is shown as reason=...
+    if isinstance(e, ApprovalReminded):
+        del data["escalated"], data["recipients"]
+        who = ", ".join(e.recipients) or "the approvers"
+        return [f"escalated to {who}" if e.escalated else f"reminded {who}"]
+    if isinstance(e, SignalReceived | SignalRejected):
+        del data["name"]
+        return [f"signal {e.name}"]
+    if isinstance(e, StepSucceeded) and e.signal is not None:
+        del data["signal"]
+        return [f"took signal {e.signal}"]
+    if isinstance(e, StepSucceeded) and e.output.get("approved") is True:
+        return [f"approved by {e.output.get('by') or 'someone'}"]
+    if isinstance(e, StepStarted) and e.child is not None:
+        del data["child"]
+        return [f"started sub-saga {e.child}"]
+    if isinstance(e, SagaDeadlinePassed):
+        del data["compensating"]
+        return ["before the pivot: compensating" if e.compensating else "after the pivot: goes on"]
+    return []
+
+
 def _attempt(e: EventBase) -> str:
     return str(e.attempt) if isinstance(e, StepEvent) else ""
 
@@ -210,18 +243,24 @@ def _day(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d")
 
 
-_SHOWN_ELSEWHERE = {"v", "saga_id", "seq", "at", "type", "step", "attempt", "error"}
+_SHOWN_ELSEWHERE = {"v", "saga_id", "seq", "at", "type", "step", "error"}
+_REASON_LIMIT = 200
+"""Characters of a reason shown (a condition's explanation, a refusal's cause): these are
+what a reader looks for, so they are cut far later than other values."""
 
 
 def _detail(e: EventBase) -> str:
-    data = e.model_dump(mode="json", exclude=_SHOWN_ELSEWHERE)
-    parts = []
+    exclude = _SHOWN_ELSEWHERE | ({"attempt"} if isinstance(e, StepEvent) else set())
+    data = e.model_dump(mode="json", exclude=exclude)
+    parts = _lead(e, data)
     for k, v in data.items():
         if v in (None, [], {}):
             continue
         if k.endswith("_at") and isinstance(v, float):
             # Deadlines and retry times are read against the time column, so show them alike.
             parts.append(f"{k}={_time(v)}")
+        elif k == "reason":
+            parts.append(f"reason={_short(v, _REASON_LIMIT)}")
         else:
             parts.append(f"{k}={_short(v)}")
     if isinstance(e, _WITH_ERROR):
@@ -246,13 +285,28 @@ _SAGA_GLYPH = {
     "start_ignored": "d",
     "start_refused": "D",
     "request_denied": "N",
+    "signal_received": "s",
+    "signal_rejected": "r",
+    "saga_deadline_passed": "T",
+    "saga_compensation_asked": "P",
+}
+_ROW_GLYPH = {
+    "step_skipped": "-",
+    "step_expanded": "+",
+    "approval_reminded": "@",
+    "approved": "a",
+    "signal_taken": "s",
+    "sub_saga": "&",
 }
 _LEGEND = [
     "legend: = action attempt   . retry wait   > succeeded   x failed   ? timed out",
     "        ! stuck   < compensating   ] compensated   o failed/resolved without an attempt",
+    "        ~ timer   - skipped   + fanned out   s took its signal   @ reminded/escalated",
+    "        a approved   & sub-saga started   [i] a fan-out's item, under its step",
     "        saga: * started  A aborted  C completed  K compensated  S stuck  R resumed",
     "              c cancel rejected  X start rejected  d duplicate start  D duplicate refused",
-    "              N request denied by the policy",
+    "              N request denied by the policy   s signal   r signal rejected",
+    "              T deadline passed   P compensation asked by the parent",
 ]
 
 
@@ -280,7 +334,7 @@ def timeline(sp: SagaSpans, width: int = 60) -> list[str]:
         cells = [" "] * width
         for w in r.waits:
             for c in range(col(w.start), col(w.end) + 1):
-                cells[c] = "."
+                cells[c] = "~" if w.kind == "timer" else "."
         for attempts, body in ((r.attempts, "="), (r.compensations, "<")):
             for a in attempts:
                 for c in range(col(a.start), col(a.end) + 1):
@@ -291,8 +345,10 @@ def timeline(sp: SagaSpans, width: int = 60) -> list[str]:
             for a in attempts:
                 cells[col(a.end)] = ends[a.outcome]
         for m in r.markers:
-            cells[col(m.at)] = "o"
-        lines.append(f"{r.name[:label]:<{label}} |{''.join(cells)}|")
+            cells[col(m.at)] = _ROW_GLYPH.get(m.kind, "o")
+        # A fan-out's items are drawn under their step, indented by their index alone.
+        name = f"  [{r.name.rpartition('[')[2]}" if r.item_of is not None else r.name
+        lines.append(f"{name[:label]:<{label}} |{''.join(cells)}|")
     cells = [" "] * width
     for m in sp.markers:
         cells[col(m.at)] = _SAGA_GLYPH.get(m.kind, "+")

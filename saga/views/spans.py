@@ -6,8 +6,15 @@
 An *attempt* runs from its ``step_started`` (or ``compensation_started``) to the event that
 closes it: succeeded, failed, timed out, stuck, or a retry being scheduled (then it failed, or
 timed out if the error is ``Timeout``). A *wait* runs from a scheduled retry to the next attempt
-(or to the event that abandoned the retries). What is still open when the events end is
+(or to the event that abandoned the retries), or, for a durable timer (``kind="timer"``), from
+``step_scheduled`` to the step's start (or its skip). What is still open when the events end is
 ``running`` up to the last event.
+
+The steps of the primitives: a fan-out's items (``dishes[0]``, ...) are rows of their own,
+placed right after their step's row and marked with it (`StepRow.item_of`); a skipped step
+keeps its reason (`StepRow.skipped`) and a mark; an expansion, a signal taken, an approval's
+reminders and decision, and a sub-saga's start are marks on their step's row; signals (taken
+or refused), a passed deadline and a parent's compensation are marks of the saga.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from saga.core.definition import split_item
 from saga.core.messages import (
+    ApprovalReminded,
     CancelRejected,
     CompensationResolved,
     CompensationRetryScheduled,
@@ -28,17 +37,24 @@ from saga.core.messages import (
     RequestDenied,
     SagaAborted,
     SagaCompensated,
+    SagaCompensationAsked,
     SagaCompleted,
+    SagaDeadlinePassed,
     SagaRejected,
     SagaResumed,
     SagaStarted,
     SagaStuck,
+    SignalReceived,
+    SignalRejected,
     StartIgnored,
     StartRefused,
     StepEvent,
+    StepExpanded,
     StepFailedEvent,
     StepResolved,
     StepRetryScheduled,
+    StepScheduled,
+    StepSkipped,
     StepStarted,
     StepStuck,
     StepSucceeded,
@@ -47,7 +63,17 @@ from saga.core.messages import (
 from saga.core.state import SagaState, evolve
 from saga.errors import IllegalTransition
 
-__all__ = ["Attempt", "Marker", "Outcome", "SagaSpans", "StepRow", "Wait", "spans", "step_of"]
+__all__ = [
+    "Attempt",
+    "Marker",
+    "Outcome",
+    "SagaSpans",
+    "StepRow",
+    "Wait",
+    "WaitKind",
+    "spans",
+    "step_of",
+]
 
 Outcome = Literal["succeeded", "failed", "timed_out", "stuck", "running"]
 """How an attempt ended (``running``: it had not ended when the events stop)."""
@@ -65,13 +91,18 @@ class Attempt:
     error: ErrorInfo | None = None
 
 
+WaitKind = Literal["retry", "timer"]
+"""A backoff before a retry, or a durable timer before a step's start."""
+
+
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """A backoff between a failed attempt and the next one."""
+    """A backoff between a failed attempt and the next one, or a step's timer."""
 
     phase: Phase
     start: float
     end: float
+    kind: WaitKind = "retry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +126,12 @@ class StepRow:
     """Compensation attempts."""
     waits: list[Wait] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
-    """Points on this row: a failure before any attempt, a resolve."""
+    """Points on this row: a failure before any attempt, a resolve, a skip, an expansion, a
+    signal taken, an approval's reminders and decision, a sub-saga started."""
+    item_of: str | None = None
+    """For a fan-out's item (``dishes[1]``): its step (``dishes``)."""
+    skipped: str | None = None
+    """Why the step did not run, if it was skipped."""
 
     def span(self, phase: Phase) -> tuple[float, float, Outcome] | None:
         """From the first attempt of ``phase`` to the end of the last, and the last's outcome."""
@@ -144,6 +180,10 @@ _SAGA_MARKS = {
     StartIgnored: "start ignored",
     StartRefused: "start refused",
     RequestDenied: "request denied",
+    SignalReceived: "signal",
+    SignalRejected: "signal rejected",
+    SagaDeadlinePassed: "deadline passed",
+    SagaCompensationAsked: "compensation asked by the parent",
 }
 
 
@@ -155,6 +195,7 @@ _WITH_REASON = (
     | StartIgnored
     | StartRefused
     | RequestDenied
+    | SignalRejected
 )
 """The saga-level events that carry a ``reason``, shown with their mark."""
 
@@ -165,6 +206,7 @@ class _Open:
     def __init__(self) -> None:
         self.attempt: tuple[int, float] | None = None
         self.wait_from: float | None = None
+        self.timer_from: float | None = None
 
 
 def spans(events: Sequence[EventBase]) -> SagaSpans:
@@ -184,7 +226,17 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
     state = _fold(events)
 
     def row(name: str) -> StepRow:
-        return rows.setdefault(name, StepRow(name))
+        found = rows.get(name)
+        if found is None:
+            base, index = split_item(name)
+            found = rows[name] = StepRow(name, item_of=base if index is not None else None)
+        return found
+
+    def timer_ends(name: str, at: float) -> None:
+        slot = open_.setdefault((name, "action"), _Open())
+        if slot.timer_from is not None:
+            row(name).waits.append(Wait("action", slot.timer_from, at, "timer"))
+            slot.timer_from = None
 
     def close(name: str, phase: Phase, at: float, outcome: Outcome, err: ErrorInfo | None) -> None:
         slot = open_.setdefault((name, phase), _Open())
@@ -217,12 +269,32 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
 
     for e in events:
         at = e.at
+        if isinstance(e, StepStarted | StepExpanded | StepSkipped):
+            timer_ends(e.step, at)
         if isinstance(e, StepStarted):
             begin(e.step, "action", e.attempt, at)
+            if e.child is not None:
+                row(e.step).markers.append(Marker(at, "sub_saga", f"started sub-saga {e.child}"))
+        elif isinstance(e, StepScheduled):
+            open_.setdefault((e.step, "action"), _Open()).timer_from = at
+        elif isinstance(e, StepSkipped):
+            row(e.step).skipped = e.reason
+            row(e.step).markers.append(Marker(at, e.type, f"skipped: {e.reason}"))
+        elif isinstance(e, StepExpanded):
+            row(e.step).markers.append(Marker(at, e.type, f"expanded into {e.count} items"))
+            for i in range(e.count):
+                row(f"{e.step}[{i}]")
+        elif isinstance(e, ApprovalReminded):
+            who = ", ".join(e.recipients) or "the approvers"
+            what = "escalated to" if e.escalated else "reminded"
+            row(e.step).markers.append(Marker(at, e.type, f"{what} {who}"))
         elif isinstance(e, CompensationStarted):
             begin(e.step, "compensation", e.attempt, at)
         elif isinstance(e, StepSucceeded):
             close(e.step, "action", at, "succeeded", None)
+            decided = _decision(e)
+            if decided is not None:
+                row(e.step).markers.append(Marker(at, decided[0], decided[1]))
         elif isinstance(e, CompensationSucceeded):
             close(e.step, "compensation", at, "succeeded", None)
         elif isinstance(e, StepRetryScheduled):
@@ -242,6 +314,9 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
             label = _SAGA_MARKS[kind]
             reason = e.reason if isinstance(e, _WITH_REASON) else None
             text = f"{label}: {reason}" if reason else label
+            if isinstance(e, SignalReceived | SignalRejected):
+                text = f"{label} {e.name}" + (f": {reason}" if reason else "")
+                text += f" (by {e.by})" if e.by else ""
             markers.append(Marker(at, e.type, text))
     end = events[-1].at
     for (name, phase), slot in open_.items():
@@ -249,13 +324,15 @@ def spans(events: Sequence[EventBase]) -> SagaSpans:
             close(name, phase, end, "running", None)
         elif slot.wait_from is not None:
             row(name).waits.append(Wait(phase, slot.wait_from, end))
+        if slot.timer_from is not None:
+            row(name).waits.append(Wait(phase, slot.timer_from, end, "timer"))
     return SagaSpans(
         saga_id=first.saga_id,
         name=started.name if started else (state.name if state else "?"),
         version=started.version if started else (state.version if state else 0),
         start=first.at,
         end=max(end, first.at),
-        rows=list(rows.values()),
+        rows=_ordered(list(rows.values())),
         markers=markers,
         state=state,
         events=events,
@@ -269,6 +346,32 @@ def step_of(event: EventBase) -> str | None:
     """
     if isinstance(event, StepEvent | SagaAborted):
         return event.step
+    return None
+
+
+def _ordered(rows: list[StepRow]) -> list[StepRow]:
+    """The rows with each fan-out's items right after their step, in index order."""
+    items: dict[str, list[StepRow]] = {}
+    for r in rows:
+        if r.item_of is not None:
+            items.setdefault(r.item_of, []).append(r)
+    out: list[StepRow] = []
+    for r in rows:
+        if r.item_of is None:
+            out.append(r)
+            found = items.pop(r.name, [])
+            out += sorted(found, key=lambda i: split_item(i.name)[1] or 0)
+    for orphans in items.values():  # items of a step the start did not list: kept, at the end
+        out += orphans
+    return out
+
+
+def _decision(e: StepSucceeded) -> tuple[str, str] | None:
+    """The mark of how a waiting step was answered: the signal it took, or who approved."""
+    if e.signal is not None:
+        return "signal_taken", f"took signal {e.signal}"
+    if e.output.get("approved") is True:
+        return "approved", f"approved by {e.output.get('by') or 'someone'}"
     return None
 
 

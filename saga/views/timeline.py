@@ -6,8 +6,10 @@ script. It is also well-formed XML, which keeps it easy to check and to post-pro
 
 Layout: a header (id, name, status, duration); one SVG row per step, the action's attempts in
 the row's upper lane and the compensation's in its lower lane, coloured by outcome, with retry
-waits hatched; the saga's own events as labelled vertical marks; a legend; then every event in
-a table.
+waits hatched and durable timers shaded; a fan-out's items as indented rows under their step;
+points on a row for what happened to its step without an attempt (a skip, with its reason; an
+expansion; a signal taken; a reminder; an approval); the saga's own events (signals among them)
+as labelled vertical marks; a legend; then every event in a table.
 """
 
 from __future__ import annotations
@@ -49,12 +51,16 @@ rect.succeeded { fill: #2e7d32; } rect.compensation.succeeded { fill: #00897b; }
 rect.failed { fill: #c62828; } rect.timed_out { fill: #ef6c00; }
 rect.stuck { fill: #6a1b9a; } rect.running { fill: #1565c0; }
 .wait { fill: url(#hatch); stroke: #999; stroke-width: 0.5; }
+.wait.timer, rect.swatch.timer { fill: #bbdefb; stroke: #1565c0; stroke-dasharray: 2 2; }
+g.row.skipped text { fill: #999; text-decoration: line-through; }
 .mark line { stroke-width: 1.5; stroke-dasharray: 4 3; }
 .mark.saga_completed line { stroke: #2e7d32; } .mark.saga_compensated line { stroke: #00897b; }
 .mark.saga_aborted line { stroke: #c62828; } .mark.saga_stuck line { stroke: #6a1b9a; }
 .mark.saga_started line, .mark.saga_resumed line, .mark.cancel_rejected line { stroke: #1565c0; }
 .mark.saga_rejected line { stroke: #c62828; }
 .mark.start_ignored line, .mark.start_refused line { stroke: #999; }
+.mark.signal_received line { stroke: #1565c0; } .mark.signal_rejected line { stroke: #999; }
+.mark.saga_deadline_passed line { stroke: #ef6c00; }
 .point { fill: #fff; stroke: #222; stroke-width: 1.5; }
 table { border-collapse: collapse; margin-top: 16px; font-size: 13px; }
 th, td { text-align: left; padding: 3px 10px; border-bottom: 1px solid #eee; vertical-align: top; }
@@ -188,9 +194,13 @@ def _svg(sp: SagaSpans) -> str:
 
 def _row(row: StepRow, top: int, scale: _Scale) -> str:
     name = escape(row.name)
+    css = "row" + (" item" if row.item_of is not None else "") + (" skipped" if row.skipped else "")
+    # An item is indented under its step, so a fan-out reads as one group of rows.
+    x = 20 if row.item_of is not None else 8
+    skipped = f"<title>{name} skipped: {_esc(row.skipped)}</title>" if row.skipped else ""
     out = [
-        f'<g class="row" data-step="{name}">',
-        f'<text x="8" y="{top + 17}">{name}</text>',
+        f'<g class="{css}" data-step="{name}">',
+        f'<text x="{x}" y="{top + 17}">{name}{skipped}</text>',
         f'<text x="8" y="{top + 31}" fill="#888">undo</text>' if row.compensations else "",
     ]
     for w in row.waits:
@@ -225,10 +235,12 @@ def _bar(step: str, a: Attempt, top: int, scale: _Scale) -> str:
 
 
 def _wait(w: Wait, top: int, scale: _Scale) -> str:
+    css = "wait timer" if w.kind == "timer" else "wait"
+    what = "timer" if w.kind == "timer" else "retry wait"
     return (
-        f'<rect class="wait {w.phase}" x="{scale.x(w.start):.1f}" y="{_lane_y(w.phase, top)}" '
+        f'<rect class="{css} {w.phase}" x="{scale.x(w.start):.1f}" y="{_lane_y(w.phase, top)}" '
         f'width="{scale.width(w.start, w.end):.1f}" height="{_LANE}">'
-        f"<title>retry wait {w.end - w.start:.3f}s</title></rect>"
+        f"<title>{what} {w.end - w.start:.3f}s</title></rect>"
     )
 
 
@@ -240,6 +252,7 @@ _LEGEND = [
     ("running", "in flight"),
     ("compensation succeeded", "compensated"),
     ("wait", "retry wait"),
+    ("timer", "timer"),
 ]
 
 

@@ -11,6 +11,11 @@ log (``from_start``) every saga begins with its ``saga_started``. From the end, 
 feeds the fold the snapshots, then the log from each partition's checkpoint (events the
 snapshots already hold are passed over); only what comes after is shown.
 
+Progress counts each step of the definition once: a skipped step as done, a fan-out by the share
+of its items that finished (so a thousand items move one step's worth of the bar, not most of
+it). The ``current`` column names the busy steps, a fan-out's as ``dishes[3/10]`` (items in
+flight of all), and the steps waiting for their timer as ``deliver@14:05:00``.
+
 Output: on a terminal, a frame redrawn in place with a progress bar per active saga and totals
 by status (drawn with `rich`); elsewhere, one line per folded event and the totals at the end;
 with ``as_json``, one JSON object per folded event.
@@ -33,6 +38,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from saga.core.definition import split_item
 from saga.core.messages import EventBase
 from saga.core.replay import Replay
 from saga.core.state import RECORD_ONLY, SagaState, SagaStatus, StepStatus
@@ -40,7 +46,7 @@ from saga.runtime.ports import Record, Topics, Transport
 from saga.views.spans import step_of
 from saga.views.styles import add_row, status_style
 
-__all__ = ["Progress", "watch"]
+__all__ = ["Progress", "percent", "watch"]
 
 _BAR = 20
 _BUSY = frozenset(
@@ -213,9 +219,55 @@ def _write(out: TextIO, text: str) -> None:
     out.flush()
 
 
+_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
+
+
+def _items(state: SagaState) -> dict[str, list[StepStatus]]:
+    """Each fan-out step's items' statuses."""
+    found: dict[str, list[StepStatus]] = {}
+    for name, s in state.steps.items():
+        base, index = split_item(name)
+        if index is not None:
+            found.setdefault(base, []).append(s.status)
+    return found
+
+
 def _current(state: SagaState) -> str:
-    busy = [name for name, s in state.steps.items() if s.status in _BUSY]
+    """The busy steps: a fan-out once, with its items in flight, and timers with their time."""
+    items = _items(state)
+    busy = []
+    for name, s in state.steps.items():
+        if split_item(name)[1] is not None:
+            continue
+        if name in items and s.status is StepStatus.RUNNING:
+            running = sum(i in _BUSY for i in items[name])
+            busy.append(f"{name}[{running}/{len(items[name])}]")
+        elif s.status in _BUSY:
+            busy.append(name)
+        elif s.status is StepStatus.SCHEDULED and s.wake_at is not None:
+            busy.append(f"{name}@{_clock(s.wake_at)}")
     return ",".join(busy) or "-"
+
+
+def _clock(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S")
+
+
+def percent(state: SagaState) -> int:
+    """Progress in percent, as the watcher shows it: while running, the steps of the
+    definition that finished (skipped ones too), a fan-out counting by its items' share;
+    otherwise `SagaState.percent_complete`."""
+    if state.status is not SagaStatus.RUNNING:
+        return state.percent_complete()
+    items = _items(state)
+    own = [(n, s) for n, s in state.steps.items() if split_item(n)[1] is None]
+    done = 0.0
+    for name, s in own:
+        if s.status in _DONE:
+            done += 1
+        elif items.get(name):
+            done += sum(i in _DONE for i in items[name]) / len(items[name])
+    return int(done * 100 // (len(own) or 1))
 
 
 def _update(event: EventBase, state: SagaState) -> dict[str, object]:
@@ -223,7 +275,7 @@ def _update(event: EventBase, state: SagaState) -> dict[str, object]:
         "saga_id": state.saga_id,
         "name": state.name,
         "status": state.status.value,
-        "percent": state.percent_complete(),
+        "percent": percent(state),
         "seq": event.seq,
         "event": event.type,
         "step": step_of(event),
@@ -236,7 +288,7 @@ def _line(event: EventBase, state: SagaState) -> str:
     at = datetime.fromtimestamp(event.at, UTC).strftime("%H:%M:%S.%f")[:-3]
     return (
         f"{at}  {state.saga_id}  {state.name}  {state.status.value:<12} "
-        f"{state.percent_complete():>3}%  {event.type} {step_of(event) or ''}".rstrip()
+        f"{percent(state):>3}%  {event.type} {step_of(event) or ''}".rstrip()
     )
 
 
@@ -278,12 +330,12 @@ def _frame(progress: Progress, topics: Topics, limit: int, now: float) -> Render
                 s.name,
                 ProgressBar(
                     total=100,
-                    completed=s.percent_complete(),
+                    completed=percent(s),
                     width=_BAR,
                     complete_style=style,
                     finished_style=style,
                 ),
-                f"{s.percent_complete()}%",
+                f"{percent(s)}%",
                 Text(s.status.value, style=style),
                 _current(s),
             )

@@ -13,6 +13,7 @@ from tests.views.support import ORDERS, harness, run_orders
 
 pytestmark = pytest.mark.anyio
 
+
 class _Output(io.StringIO):
     """Standard output for the watcher, telling when it first wrote."""
 
