@@ -7,7 +7,6 @@ there is no ``eval``, no attribute access and no calls, only paths, literals and
     $.input.total > 100
     $.steps.risk.output.level == "high" or $.input.vip == true
     not exists($.input.coupon) and $.input.country in ["FR", "BE"]
-    $.item.qty >= 1                      (inside a fan-out step: the current item)
 
 The grammar, loosest first::
 
@@ -21,8 +20,9 @@ The grammar, loosest first::
     list       := "[" [literal ("," literal)* [","]] "]"
 
 Paths are the templates of `saga.core.dataflow` (``$.input...``, ``$.steps.NAME.output...``,
-``$.saga_id``) and are resolved by it, plus one root of our own, ``$.item...``, the item a
-fan-out step runs for (``dataflow`` has no such root). A path's names are letters, ASCII digits,
+``$.saga_id``) and are resolved by it, plus ``$.item...``, an item of a fan-out (for
+conditions evaluated per item; a step's ``when`` is checked before the step fans out, so the
+definition rules refuse ``$.item`` there). A path's names are letters, ASCII digits,
 ``_`` and ``-``; digits index lists. Strings take double or single quotes and the escapes
 ``\\\\ \\" \\' \\n \\r \\t \\/ \\uXXXX``; numbers are JSON numbers. Keywords are lowercase.
 

@@ -149,7 +149,7 @@ def _work_problems(at: str, s: Step) -> Iterator[str]:
     elif s.action is not None and s.service is None:
         yield f"{at}: [step-work] a step with an action needs the service that runs it"
     elif s.action is None and s.service is not None:
-        yield f"{at}: [step-work] a {kinds[0]} step runs in the coordinator: it has no service"
+        yield f"{at}: [step-work] {_a(kinds[0])} step runs in the coordinator: it has no service"
     if s.saga is not None and s.compensation:
         yield (
             f"{at}: [step-work] a saga step is compensated by compensating its child: it has "
@@ -157,10 +157,11 @@ def _work_problems(at: str, s: Step) -> Iterator[str]:
         )
     if not s.has_effect and s.compensation:
         yield (
-            f"{at}: [no-effect] a {s.kind_of_work} step changes nothing, so it has no compensation"
+            f"{at}: [no-effect] {_a(s.kind_of_work)} step changes nothing, so it has no "
+            "compensation"
         )
     if not s.has_effect and s.kind is StepKind.PIVOT:
-        yield f"{at}: [no-effect] a {s.kind_of_work} step cannot be the pivot"
+        yield f"{at}: [no-effect] {_a(s.kind_of_work)} step cannot be the pivot"
     if s.for_each is not None and not s.has_effect:
         yield f"{at}: [for-each] only a step that sends a command can run for each item"
     if s.for_each is not None and s.kind is StepKind.PIVOT:
@@ -181,6 +182,11 @@ def _work_problems(at: str, s: Step) -> Iterator[str]:
             f"{at}: [start-at] start_at must be one reference such as $.input.deliver_at, "
             f"not {s.start_at!r}"
         )
+
+
+def _a(word: str) -> str:
+    """``a wait``, ``an approval``."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def _reference_problems(d: SagaDefinition, edges: Mapping[str, set[str]]) -> Iterator[str]:

@@ -327,7 +327,8 @@ class SagaState(BaseModel):
             return 100
         total = len(self.steps) or 1
         if self.status is SagaStatus.RUNNING:
-            done = sum(s.status is StepStatus.SUCCEEDED for s in self.steps.values())
+            finished = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)  # skipped: will not run
+            done = sum(s.status in finished for s in self.steps.values())
             return done * 100 // total
         owed = [s for s in self.steps.values() if s.compensation_attempt or s.status in UNDO_OWED]
         if not owed:

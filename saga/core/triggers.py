@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from saga.core import dataflow
 from saga.core.codec import DEFAULT_LIMITS, Limits, encode
@@ -125,6 +125,14 @@ class Outcome(BaseModel):
     value: Any = None
     """A template over the roots in `OUTCOME_ROOTS`. ``None``: ``{"saga_id", "saga_name",
     "status", "reason", "at", "seq"}``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare ``on:`` key as the boolean true: take it for "on".
+        if isinstance(value, dict) and True in value and "on" not in value:
+            value = {("on" if k is True else k): v for k, v in value.items()}
+        return value
 
 
 @dataclass(frozen=True, slots=True)

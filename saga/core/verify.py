@@ -20,8 +20,15 @@ A saga's log is the sequence of `decide`'s decisions. `verify` replays it decisi
    the error's text); a ``request_denied`` of an ``approval`` that its step's approver list
    refused the `DecideApproval` that was denied (replayed as an approval: the record does not
    say which way it went). Events that other inputs cause along the way (``step_skipped`` for
-   a condition, ``step_scheduled``, a kept signal taken when its step starts) are matched as
-   part of the decision they belong to.
+   a condition, ``step_scheduled``, a kept signal taken when its step starts,
+   ``step_expanded``, a fan-out's own success or failure) are matched as part of the decision
+   they belong to. An item of a fan-out (``cook[2]``) is answered by its step's service; a
+   sub-saga step (``saga: NAME``) by its child, as service ``saga:NAME``: its
+   ``step_succeeded`` an ok `Reply` with the recorded output (``saga_id``, ``outputs``), its
+   failure one with the recorded error (``SagaCompensated``, ``SagaRejected``), its
+   compensation's success an ok reply. On the child's side, ``saga_started`` carries the
+   recorded ``parent``, and ``saga_compensation_asked`` is a `CompensateSaga` whose ``parent``
+   is the state's, with the event's attempt.
 2. It decides that input with the **old** definition. The decision must reproduce the recorded
    events that follow (which validates the grouping of the log into decisions); the first
    candidate input that does is taken. When none does, the saga cannot be verified from that
@@ -30,30 +37,34 @@ A saga's log is the sequence of `decide`'s decisions. `verify` replays it decisi
    there too.
 3. It decides the same input, in the same state, with the **new** definition, and compares the
    two decisions: per step, the events (type, attempt, and a scheduled step's due time) and the
-   commands (phase, action, payload); per saga, its own events. Each step whose part differs is
-   a `Divergence`.
+   commands (phase, action, payload) and the requests to a sub-saga (its name, id, attempt
+   and input; a compensation of it); per saga, its own events and a sub-saga's replies to its
+   parent. Each step whose part differs is a `Divergence`.
 4. The replay goes on from the recorded state (what the old definition did).
 
 For a saga still in flight it then looks one decision ahead, from its last state: a `Tick` at
 each time it waits for (its next deadline or retry, each scheduled step's ``wake_at``, each
-approval's next reminder, the saga's deadline), an ok and a failed reply for each attempt out
-(action or compensation), for each ``wait`` step not yet done its signal arriving (with empty
-data), for each ``approval`` step waiting an approval and a rejection by each person the old
-definition names (or by anyone, when it names nobody), and a retry when it is stuck; and it
-compares which steps each definition has: a step the saga's state has and the new definition
-lacks is a divergence unless nothing is left to do with it (failed, or compensated); a step
-the new definition adds is one only if a decision above would run it (deciding it fails: the
-state has no such step).
+approval's next reminder, the saga's deadline), an ok and a business-failure reply for each
+attempt out (action or compensation; each item of a fan-out in flight; a running sub-saga
+step's child completing, or compensated), for a sub-saga still running, its parent's
+compensation, for each ``wait`` step not yet done its signal arriving (with empty data), for
+each ``approval`` step waiting an approval and a rejection by each person the old definition
+names (or by anyone, when it names nobody), and a retry when it is stuck; and it compares which
+steps each definition has: a step the saga's state has and the new definition lacks is a
+divergence unless nothing is left to do with it (failed, or compensated); a step the new
+definition adds is one only if a decision above would run it (deciding it fails: the state has
+no such step).
 
 What it cannot see: inputs that never came (a reply that a participant has not sent yet is
 tried as ok and as failed, with an empty output and one error type, not every output or error
-type; a signal with empty data; a decision by the old approvers only); payloads of replies
-and signals are the recorded ones, so a new definition's output model is not checked against
-them; and two decisions that agree on events and commands but differ in alerts (who is asked
-or reminded), in the reasons they give (a condition's text), or in the times of steps'
-deadlines and reminders. Record-only events that need no definition (``start_ignored``,
-``start_refused``, ``saga_rejected``, and a ``request_denied`` by the authorization policy)
-are folded without deciding. Pure: no I/O, no clock.
+type; a sub-saga's child answering with no outputs; a signal with empty data; a decision by the
+old approvers only); payloads of replies and signals are the recorded ones, so a new
+definition's output model is not checked against them; and two decisions that agree on events
+and commands but differ in alerts (who is asked or reminded), in the reasons they give (a
+condition's text), or in the times of steps' deadlines and reminders. Record-only events that
+need no definition (``start_ignored``, ``start_refused``, ``saga_rejected``, and a
+``request_denied`` by the authorization policy) are folded without deciding. Pure: no I/O, no
+clock.
 """
 
 from __future__ import annotations
@@ -67,15 +78,19 @@ from saga.core.decide import Decision, Input, Tick, decide, next_due
 from saga.core.definition import SagaDefinition, Step
 from saga.core.messages import (
     CancelSaga,
+    CompensateSaga,
     DecideApproval,
     ErrorInfo,
     EventBase,
+    ParentRef,
     Phase,
     Reply,
+    Request,
     RequestDenied,
     ResolveSaga,
     RetrySaga,
     SagaAborted,
+    SagaCompensationAsked,
     SagaResumed,
     SagaStarted,
     SignalReceived,
@@ -85,7 +100,16 @@ from saga.core.messages import (
     StepScheduled,
     StepSucceeded,
 )
-from saga.core.state import FINAL_STATUSES, IN_FLIGHT, SagaState, SagaStatus, StepStatus, evolve
+from saga.core.state import (
+    FINAL_STATUSES,
+    IN_FLIGHT,
+    SagaState,
+    SagaStatus,
+    StepState,
+    StepStatus,
+    evolve,
+)
+from saga.core.subsagas import child_id, responder
 from saga.errors import SagaError
 
 __all__ = ["Divergence", "verify"]
@@ -191,7 +215,7 @@ def _replay_one(
     old: SagaDefinition, state: SagaState | None, events: Sequence[EventBase], i: int
 ) -> tuple[Input, Decision] | None:
     """The first candidate input whose old decision records ``events[i:]``'s next events."""
-    for message in _candidates(old, events, i):
+    for message in _candidates(old, state, events, i):
         decision = _decide(old, state, message)
         if not isinstance(decision, Decision) or not decision.events:
             continue
@@ -203,7 +227,9 @@ def _replay_one(
     return None
 
 
-def _candidates(d: SagaDefinition, events: Sequence[EventBase], i: int) -> Iterator[Input]:
+def _candidates(
+    d: SagaDefinition, state: SagaState | None, events: Sequence[EventBase], i: int
+) -> Iterator[Input]:
     e = events[i]
     data = e.model_dump(mode="python")
     at, saga_id = e.at, e.saga_id
@@ -216,7 +242,21 @@ def _candidates(d: SagaDefinition, events: Sequence[EventBase], i: int) -> Itera
             input=e.input,
             at=at,
             by=e.by,
+            parent=e.parent,
         )
+        return
+    if isinstance(e, SagaCompensationAsked):
+        # A sub-saga's parent compensating the step that started it; the request named the
+        # parent's step as the child recorded it at its start, and the compensation attempt.
+        parent = state.parent if state is not None else None
+        if parent is not None:
+            yield CompensateSaga(
+                message_id=e.message_id,
+                saga_id=saga_id,
+                parent=ParentRef(saga_id=parent.saga_id, step=parent.step, attempt=e.attempt),
+                at=at,
+                by=e.by,
+            )
         return
     if isinstance(e, SagaAborted) or e.type == "cancel_rejected":
         mid = data.get("message_id")
@@ -270,7 +310,8 @@ def _candidates(d: SagaDefinition, events: Sequence[EventBase], i: int) -> Itera
         yield from _decisions(e, sd, f"{saga_id}/verify/{e.seq}")
         yield tick  # a reminder, an escalation, or the final timeout
         return
-    if sd.service is None:
+    service = responder(sd)  # an item's is its step's; a sub-saga step's, saga:NAME
+    if service is None:
         # A wait step's outcomes are a signal (recorded as its own event, matched above) or
         # its timeout; a kept signal is taken inside the decision that starts the step.
         yield tick
@@ -278,7 +319,6 @@ def _candidates(d: SagaDefinition, events: Sequence[EventBase], i: int) -> Itera
     phase: Phase = "compensation" if e.type.startswith("compensation") else "action"
     if data.get("phase") in ("action", "compensation"):
         phase = data["phase"]
-    service = sd.service
 
     def reply(ok: bool, error: ErrorInfo | None = None, output: Any = None) -> Reply:
         return Reply(
@@ -416,7 +456,28 @@ def _parts(decision: Decision | _Failed) -> dict[str | None, list[str]]:
         parts.setdefault(step if isinstance(step, str) else None, []).append(label)
     for c in decision.commands:
         parts.setdefault(c.step, []).append(f"command {c.phase} {c.action} {c.payload}")
+    for r in decision.requests:
+        step, label = _request_part(r)
+        parts.setdefault(step, []).append(label)
+    for reply in decision.replies:
+        # A sub-saga's answer to its parent's step: the saga's own part.
+        outcome = f"ok {reply.output}" if reply.error is None else f"failed {reply.error.type}"
+        parts.setdefault(None, []).append(
+            f"reply to {reply.saga_id} step {reply.step} {reply.phase} "
+            f"(attempt {reply.attempt}) {outcome}"
+        )
     return parts
+
+
+def _request_part(r: Request) -> tuple[str | None, str]:
+    """The step a request to another saga belongs to (a sub-saga step's), and its label."""
+    if isinstance(r, StartSaga) and r.parent is not None:
+        return r.parent.step, (
+            f"start saga {r.saga_name} as {r.saga_id} (attempt {r.parent.attempt}) {r.input}"
+        )
+    if isinstance(r, CompensateSaga):
+        return r.parent.step, f"compensate saga {r.saga_id} (attempt {r.parent.attempt})"
+    return None, f"request {r.type} to {r.saga_id}"
 
 
 def _look_ahead(old: SagaDefinition, new: SagaDefinition, state: SagaState) -> list[Divergence]:
@@ -472,25 +533,47 @@ def _next_inputs(d: SagaDefinition, state: SagaState) -> Iterator[Input]:
                         at=at,
                         by=who,
                     )
-        if ss.status not in IN_FLIGHT or sd.service is None or ss.deadline_at is None:
-            continue
-        phase: Phase = "action" if ss.status is StepStatus.RUNNING else "compensation"
-        attempt = ss.attempt if phase == "action" else ss.compensation_attempt
-        base = {
-            "saga_id": saga_id,
-            "step": name,
-            "phase": phase,
-            "attempt": attempt,
-            "service": sd.service,
-            "at": at,
-        }
-        yield Reply(message_id=f"{saga_id}/{name}/{phase}/{attempt}/ok", ok=True, **base)
-        error = ErrorInfo(type="StepFailed", message="verify: a failure", business=True)
-        yield Reply(
-            message_id=f"{saga_id}/{name}/{phase}/{attempt}/no", ok=False, error=error, **base
-        )
+        yield from _replies_ahead(saga_id, name, sd, ss, at)
     if state.status is SagaStatus.STUCK:
         yield RetrySaga(message_id=f"{saga_id}/verify/retry", saga_id=saga_id, at=at)
+    parent = state.parent
+    if parent is not None and state.status is SagaStatus.RUNNING and state.undo_for is None:
+        # A sub-saga's parent may compensate it at any time (its first compensation attempt).
+        yield CompensateSaga(
+            message_id=f"{saga_id}/verify/compensate",
+            saga_id=saga_id,
+            parent=ParentRef(saga_id=parent.saga_id, step=parent.step, attempt=1),
+            at=at,
+        )
+
+
+def _replies_ahead(saga_id: str, name: str, sd: Step, ss: StepState, at: float) -> Iterator[Reply]:
+    """An ok and a business-failure reply to the attempt of ``name`` that is out, if one is:
+    a participant's (an item of a fan-out's is its own), or a sub-saga step's child's."""
+    service = responder(sd)
+    if ss.status not in IN_FLIGHT or service is None or ss.deadline_at is None:
+        return
+    phase: Phase = "action" if ss.status is StepStatus.RUNNING else "compensation"
+    attempt = ss.attempt if phase == "action" else ss.compensation_attempt
+    output: dict[str, Any] = {}
+    error = ErrorInfo(type="StepFailed", message="verify: a failure", business=True)
+    if sd.saga is not None and phase == "action":
+        # What `saga.core.subsagas.replies_to_parent` sends: the child's id and outputs, or
+        # that it was compensated.
+        output = {"saga_id": ss.child or child_id(saga_id, name), "outputs": {}}
+        error = ErrorInfo(type="SagaCompensated", message="verify: compensated", business=True)
+    elif sd.saga is not None:
+        error = ErrorInfo(type="PastPivot", message="verify: past its pivot", business=True)
+    base = {
+        "saga_id": saga_id,
+        "step": name,
+        "phase": phase,
+        "attempt": attempt,
+        "service": service,
+        "at": at,
+    }
+    yield Reply(message_id=f"{saga_id}/{name}/{phase}/{attempt}/ok", ok=True, output=output, **base)
+    yield Reply(message_id=f"{saga_id}/{name}/{phase}/{attempt}/no", ok=False, error=error, **base)
 
 
 _SIGNAL_TAKEN = frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RUNNING})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -598,3 +599,253 @@ def test_a_policy_denial_is_folded_without_deciding() -> None:
     # ann is an approver: decided by the definition, her request would have been approved
     # (the history could not be verified). The policy refused it: a record, not a decision.
     assert verify(APPROVING, APPROVING, drv.events) == []
+
+
+# -- fan-out and sub-sagas -------------------------------------------------------------------
+
+DISHES = {"order": 7, "dishes": [{"name": "carbonara"}, {"name": "pesto"}, {"name": "ragu"}]}
+FANNING = _saga(
+    make_step("pay"),
+    make_step(
+        "cook",
+        after=["pay"],
+        for_each="$.input.dishes",
+        max_parallel=2,
+        retry=NO_JITTER,
+        input={"dish": "$.item.name", "order": "$.input.order"},
+    ),
+    make_step("ship", after=["cook"], input={"cooked": "$.steps.cook.output.items"}),
+)
+
+
+def _fan_out() -> tuple[SagaDefinition, _Recorder]:
+    drv = _Recorder(FANNING)
+    drv.start(DISHES)
+    drv.reply(drv.open_command("pay"))
+    drv.reply(drv.open_command("cook[1]"), "technical")  # item 1 is retried by itself
+    drv.reply(drv.open_command("cook[0]"), output={"pan": 1})  # item 2 starts
+    drv.tick_due()
+    drv.reply(drv.open_command("cook[2]"), output={"pan": 3})
+    drv.reply(drv.open_command("cook[1]"), output={"pan": 2})
+    drv.reply(drv.open_command("ship"))
+    return FANNING, drv
+
+
+def _fan_out_failing() -> tuple[SagaDefinition, _Recorder]:
+    drv = _Recorder(_edit(FANNING, "cook", max_parallel=3))
+    drv.start(DISHES)
+    drv.reply(drv.open_command("pay"))
+    drv.reply(drv.open_command("cook[0]"))
+    drv.reply(drv.open_command("cook[1]"), "business")
+    drv.reply(drv.open_command("cook[2]"))  # late: it is compensated too
+    for step in ("cook[0]", "cook[2]", "pay"):
+        drv.reply(drv.open_command(step, "compensation"))
+    return drv.definition, drv
+
+
+HOTEL = SagaDefinition(name="hotel", steps=(make_step("room"), make_step("desk", after=["room"])))
+TRIP = SagaDefinition(
+    name="trip",
+    steps=(
+        make_step("flight"),
+        Step(name="stay", saga="hotel", depends_on=("flight",), input={"city": "$.input.city"}),
+        make_step("pay", after=["stay"]),
+    ),
+)
+
+
+def _trip() -> tuple[_Recorder, _Recorder]:
+    """A trip whose flight is booked and whose stay has started its hotel (the child)."""
+    parent = _Recorder(TRIP, saga_id="trip-1")
+    parent.start({"city": "Lyon"})
+    (start,) = parent.reply(parent.open_command("flight")).requests
+    child = _Recorder(HOTEL, saga_id="trip-1/stay")
+    child.send(start)
+    return parent, child
+
+
+def _trip_completed() -> tuple[_Recorder, _Recorder]:
+    parent, child = _trip()
+    child.reply(child.open_command("room"))
+    (reply,) = child.reply(child.open_command("desk")).replies
+    parent.send(reply)
+    parent.reply(parent.open_command("pay"))
+    return parent, child
+
+
+def _trip_compensated_by_parent() -> tuple[_Recorder, _Recorder]:
+    parent, child = _trip()
+    child.reply(child.open_command("room"))
+    (reply,) = child.reply(child.open_command("desk")).replies
+    parent.send(reply)
+    (ask,) = parent.reply(parent.open_command("pay"), "business").requests
+    child.send(ask)  # the completed child is compensated: desk, then room
+    child.reply(child.open_command("desk", "compensation"))
+    (undone,) = child.reply(child.open_command("room", "compensation")).replies
+    parent.send(undone)
+    parent.reply(parent.open_command("flight", "compensation"))
+    return parent, child
+
+
+def _trip_child_failed() -> tuple[_Recorder, _Recorder]:
+    parent, child = _trip()
+    (reply,) = child.reply(child.open_command("room"), "business").replies
+    parent.send(reply)
+    parent.reply(parent.open_command("flight", "compensation"))
+    return parent, child
+
+
+def _trip_child_rejected() -> tuple[_Recorder, _Recorder]:
+    parent = _Recorder(TRIP, saga_id="trip-1")
+    parent.start({"city": "Lyon"})
+    (start,) = parent.reply(parent.open_command("flight")).requests
+    child = _Recorder(HOTEL, saga_id="trip-1/stay")
+    (reply,) = child.send(start, None).replies  # no definition named 'hotel' here
+    parent.send(reply)
+    parent.reply(parent.open_command("flight", "compensation"))
+    return parent, child
+
+
+TRIPS = {
+    "completed": (_trip_completed, "saga_completed", "saga_completed"),
+    "compensated by its parent": (
+        _trip_compensated_by_parent,
+        "saga_compensated",
+        "saga_compensation_asked",
+    ),
+    "child compensated": (_trip_child_failed, "saga_compensated", "saga_compensated"),
+    "child rejected": (_trip_child_rejected, "saga_compensated", "saga_rejected"),
+}
+
+
+@pytest.mark.parametrize("build", [_fan_out, _fan_out_failing])
+def test_a_history_with_a_fan_out_replays_on_its_own_definition(
+    build: Callable[[], tuple[SagaDefinition, _Recorder]],
+) -> None:
+    d, drv = build()
+    assert {"step_expanded", "step_succeeded"} <= set(_types(drv))
+    assert any(getattr(e, "step", "").startswith("cook[") for e in drv.events)
+    assert verify(d, d, drv.events) == []
+    assert len(drv.ends) > 4
+    for end in drv.ends:  # and ahead, with the items then in flight
+        assert verify(d, d, drv.events[:end]) == [], f"cut after seq {end}"
+
+
+@pytest.mark.parametrize("name", TRIPS)
+def test_a_history_with_a_sub_saga_replays_on_both_sides(name: str) -> None:
+    build, parent_kind, child_kind = TRIPS[name]
+    parent, child = build()
+    assert parent_kind in _types(parent)
+    assert child_kind in _types(child)
+    assert any(getattr(e, "child", None) == "trip-1/stay" for e in parent.events)
+    for d, drv in ((TRIP, parent), (HOTEL, child)):
+        assert verify(d, d, drv.events) == [], drv.saga_id
+        for end in drv.ends:
+            assert verify(d, d, drv.events[:end]) == [], f"{drv.saga_id}: cut after seq {end}"
+
+
+def _expanded() -> _Recorder:
+    drv = _Recorder(FANNING)
+    drv.start(DISHES)
+    drv.reply(drv.open_command("pay"))
+    assert [c.step for c in drv.last.commands] == ["cook[0]", "cook[1]"]  # type: ignore[union-attr]
+    return drv
+
+
+def test_a_changed_max_parallel_is_caught_for_a_saga_in_flight() -> None:
+    drv = _expanded()
+    expanded = next(e for e in drv.events if e.type == "step_expanded")
+    found = verify(FANNING, _edit(FANNING, "cook", max_parallel=3), drv.events)
+    # Where pay's reply was decided (the decision's first event is pay's success), and again
+    # ahead: whatever comes next, the third item would start with the other two.
+    assert found[0].seq == expanded.seq - 1
+    assert {x.step for x in found} == {"cook[2]"}
+    assert found[0].expected == "nothing"
+    assert "command action do-cook {'dish': 'ragu', 'order': 7}" in found[0].got
+    found = verify(FANNING, _edit(FANNING, "cook", max_parallel=1), drv.events)
+    assert [(x.seq, x.step) for x in found][:1] == [(expanded.seq - 1, "cook[1]")]
+    assert found[0].got == "nothing"
+
+
+def test_an_item_in_flight_is_decided_ahead() -> None:
+    drv = _expanded()
+    drv.reply(drv.open_command("cook[0]"))  # cook[1] and cook[2] are out
+    assert verify(FANNING, FANNING, drv.events) == []
+    # An item's failure now compensates pay with another action.
+    found = verify(FANNING, _edit(FANNING, "cook", compensation="undo-cook-v2"), drv.events)
+    assert found
+    assert all(x.seq == drv.events[-1].seq + 1 for x in found)
+    assert {x.step for x in found} == {"cook[0]"}
+    assert "undo-cook-v2" in found[0].got
+
+
+def test_a_changed_list_reference_is_caught_for_a_saga_in_flight() -> None:
+    drv = _expanded()
+    expanded = next(e for e in drv.events if e.type == "step_expanded")
+    found = verify(FANNING, _edit(FANNING, "cook", for_each="$.input.plates"), drv.events)
+    assert found
+    assert found[0].seq == expanded.seq - 1  # where pay's reply was decided
+    cook = next(x for x in found if x.step == "cook")
+    assert "step_expanded" in cook.expected
+    assert "step_failed" in cook.got
+
+
+def test_a_fan_out_turned_into_one_step_is_caught() -> None:
+    drv = _expanded()
+    found = verify(FANNING, _edit(FANNING, "cook", for_each=None, input=None), drv.events)
+    assert any(x.step == "cook[0]" and "no such step" in x.got for x in found), found
+
+
+def test_a_changed_child_saga_name_is_caught_for_a_parent_in_flight() -> None:
+    parent, _ = _trip()
+    started = next(e for e in parent.events if getattr(e, "child", None))
+    found = verify(TRIP, _edit(TRIP, "stay", saga="inn"), parent.events)
+    assert (found[0].seq, found[0].step) == (started.seq - 1, "stay")
+    assert "start saga hotel as trip-1/stay (attempt 1) {'city': 'Lyon'}" in found[0].expected
+    assert "start saga inn as trip-1/stay" in found[0].got
+    # And ahead: the hotel that did start would answer as itself, which the new one refuses.
+    ahead = [x for x in found if x.seq == parent.events[-1].seq + 1]
+    assert any(x.step is None and "from service 'saga:hotel'" in x.got for x in ahead), found
+    assert {x.seq for x in found} == {started.seq - 1, parent.events[-1].seq + 1}
+    # Its input changed: caught the same way.
+    found = verify(TRIP, _edit(TRIP, "stay", input={"town": "$.input.city"}), parent.events)
+    assert [x.step for x in found] == ["stay"]
+    assert "{'town': 'Lyon'}" in found[0].got
+
+
+def test_a_running_sub_saga_step_is_decided_ahead_on_its_childs_replies() -> None:
+    parent, _ = _trip()
+    assert verify(TRIP, TRIP, parent.events) == []
+    ahead = parent.events[-1].seq + 1
+    # The child completes: pay starts, with its new action.
+    found = verify(TRIP, _edit(TRIP, "pay", action="do-pay-v2"), parent.events)
+    assert [(x.seq, x.step) for x in found] == [(ahead, "pay")]
+    assert "do-pay-v2" in found[0].got
+    # The child is compensated (a business failure): flight is undone, by its new action.
+    found = verify(TRIP, _edit(TRIP, "flight", compensation="undo-flight-v2"), parent.events)
+    assert [(x.seq, x.step) for x in found] == [(ahead, "flight")]
+    assert "undo-flight-v2" in found[0].got
+
+
+def test_a_parents_compensation_is_decided_ahead_for_a_running_child() -> None:
+    _, child = _trip()
+    child.reply(child.open_command("room"))  # desk is out
+    assert verify(HOTEL, HOTEL, child.events) == []
+    # desk made the pivot: the child would refuse to be compensated instead of aborting.
+    pivot = _edit(HOTEL, "desk", kind="pivot", compensation=None)
+    found = verify(HOTEL, pivot, child.events)
+    assert found
+    assert all(x.seq == child.events[-1].seq + 1 for x in found)
+    (saga,) = [x for x in found if x.step is None and "saga_aborted" in x.expected]
+    assert "failed PastPivot" in saga.got
+
+
+def test_a_childs_recorded_compensation_is_replayed_against_its_parent_ref() -> None:
+    _, child = _trip_compensated_by_parent()
+    asked = next(e for e in child.events if e.type == "saga_compensation_asked")
+    assert verify(HOTEL, HOTEL, child.events) == []
+    # The child's compensations changed: caught where the parent asked for it.
+    found = verify(HOTEL, _edit(HOTEL, "desk", compensation="undo-desk-v2"), child.events)
+    assert found
+    assert (found[0].seq, found[0].step) == (asked.seq, "desk")
+    assert "undo-desk-v2" in found[0].got
