@@ -355,14 +355,22 @@ def dependents_settled(d: SagaDefinition, state: SagaState, name: str) -> bool:
 
 
 def _settled(d: SagaDefinition, state: SagaState, name: str) -> bool:
+    """Whether step ``name`` leaves nothing to undo before its predecessors are undone."""
     status = step_state(state, name).status
     fanned = status not in (StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.SKIPPED)
     if d.step(name).for_each is not None and not is_item(name) and fanned:
         # Expanded (perhaps into no items, or failed before): settled once its items are.
-        return all(_settled(d, state, n) for n in items_of(state, name))
-    # A waiting step that succeeded changed nothing: there is nothing of it to wait for.
-    waited = status is StepStatus.SUCCEEDED and not d.step(name).has_effect
-    return status in SETTLED_FOR_UNDO or waited
+        own = all(_settled(d, state, n) for n in items_of(state, name))
+    else:
+        # A waiting step that succeeded changed nothing: there is nothing of it to undo.
+        waited = status is StepStatus.SUCCEEDED and not d.step(name).has_effect
+        own = status in SETTLED_FOR_UNDO or waited
+    if not own or status is StepStatus.COMPENSATED:
+        return own  # a compensated step already waited for its own dependants
+    # It has nothing of its own to undo, but steps after it may have run past it (it was
+    # skipped, or waited, or failed while a start-to-start dependant went on): the order of
+    # undoing is the order of causes, through it.
+    return all(_settled(d, state, dependent) for dependent, _ in d.dependents(name))
 
 
 def quiescent_and_stuck(d: SagaDefinition, state: SagaState) -> bool:

@@ -544,3 +544,31 @@ def test_a_rejected_child_fails_its_step_and_a_compensation_of_it_is_answered_at
     drv.send(reply)
     assert drv.state is not None
     assert drv.state.steps["stay"].status is StepStatus.FAILED  # not compensated: nothing ran
+
+
+def test_compensation_waits_for_steps_after_a_wait_or_a_skipped_step() -> None:
+    # restaurant -> kitchen (a wait: nothing to undo) -> dishes: the restaurant is undone only
+    # after the dishes are, whatever sits between them; likewise through a skipped step.
+    for middle in (
+        Step(name="kitchen", wait="ok", timeout=60, depends_on=("restaurant",)),
+        make_step("kitchen", after=["restaurant"], when="$.input.never == true"),
+    ):
+        d = _saga(
+            make_step("restaurant"),
+            middle,
+            make_step("dishes", after=["kitchen"]),
+            make_step("cook", kind=StepKind.PIVOT, after=["dishes"]),
+        )
+        drv = Driver(d)
+        drv.start({"never": False})
+        drv.reply(drv.open_command("restaurant"))
+        if middle.wait is not None:
+            _signal(drv, "ok", {})
+        drv.reply(drv.open_command("dishes"))
+        drv.reply(drv.open_command("cook"), "business")
+        assert [c.step for c in drv.commands if c.phase == "compensation"] == ["dishes"]
+        drv.reply(drv.open_command("dishes", "compensation"))
+        assert [c.step for c in drv.commands if c.phase == "compensation"] == [
+            "dishes",
+            "restaurant",
+        ]
