@@ -1,11 +1,11 @@
-"""The pasta order saga, as the coordinator runs it.
+"""The pasta order saga and a party's catering of such orders, as the coordinator runs them.
 
 ::
 
-    approval? ─────────────────┐
-    location ──────────────────┴► payment ─► restaurant ─┬─► kitchen? ─────┬─► cook ─► notify
-        │                                                └─(SS)─► rider ───┘ (pivot,  (retriable)
-        └────────────────────────────────────────────────────────► rider      timer)
+    approval? ─────────────┐
+    location ──────────────┴► payment ─► restaurant ─┬─► kitchen? ─► dishes[i] ─┬─► cook ─► notify
+        │                                            └─(SS)─► rider ────────────┘  (pivot,
+        └───────────────────────────────────────────────────► rider                 timer)
 
 - ``approval`` (only when the order's ``amount`` is over `LARGE_ORDER`) asks a manager to
   approve the order, reminds them and then escalates to the operator; a rejection, or no
@@ -17,6 +17,10 @@
 - ``kitchen`` (only for restaurants that confirm by hand: the order's ``kitchen_confirms``)
   waits for the kitchen's ``kitchen_confirmed`` signal (`KITCHEN_SIGNAL`; ``saga signal``);
   its output is the signal's data; no confirmation within `KITCHEN_TIMEOUT` cancels the order;
+- ``dishes`` prepares each dish of the order (``$.input.items``), `DISHES_PARALLEL` at a time:
+  a fan-out whose items are ``dishes[0]``, ``dishes[1]``... and whose output lists what each
+  returned, in order (undo: discard the dish). When the order fails, exactly the dishes that
+  were prepared are discarded;
 - ``rider`` is sought as soon as the restaurant has *started* on the order (start-to-start),
   and needs the slot, so it also waits for ``location`` (undo: release the rider);
 - ``cook`` is the pivot: once the kitchen starts cooking, the order only goes forward. It is a
@@ -32,12 +36,15 @@ prefix (``SAGA_PREFIX``, which `services.fleet.Fleet` sets for every process), o
 engine's own ``<prefix>.`` topics: ``<prefix>-events.order-placed`` and so on (the ACLs of
 `deploy.kafka_secure.engine_acls` cover ``<prefix>-events.``).
 
-The dishes are a list in the input (``$.input.items``): a per-dish fan-out (a step that
-prepares each dish, between ``kitchen`` and ``cook``; the pivot itself cannot fan out) slots in
-without changing the other steps.
+A second saga, `catering`, is a party's order: a fan-out of sub-sagas, one `catering_order`
+(the pasta order's slot, payment, restaurant and dishes) per order in ``$.input.orders``,
+then its pivot ``cook``, which cooks them all at once. When that fails every child order is
+compensated; ``saga status`` of the catering shows the tree. `sagas` holds all three
+definitions, so one coordinator runs the catering and its children.
 
 Every step's input passes the order's ``faults`` on, so that `services.faults` can make any
-step misbehave on request; orders always carry the key (`services.orders.make_order`).
+step misbehave on request (one dish: ``"dishes[1].prepare_dish"``); orders always carry the
+key (`services.orders.make_order`, `services.orders.make_catering`).
 
 Step timeouts default to 5 seconds; ``SAGA_STEP_TIMEOUT`` changes them (the coordinator reads
 it when it loads this module), and ``SAGA_KITCHEN_TIMEOUT``, ``SAGA_APPROVAL_TIMEOUT``,
@@ -57,6 +64,9 @@ from saga.core.triggers import Outcome, Trigger
 __all__ = [
     "APPROVAL_TIMEOUT",
     "APPROVERS",
+    "CATERING_ORDER_TIMEOUT",
+    "CATERING_PARALLEL",
+    "DISHES_PARALLEL",
     "ESCALATE_TO",
     "KITCHEN_SIGNAL",
     "KITCHEN_TIMEOUT",
@@ -64,6 +74,8 @@ __all__ = [
     "PREFIX",
     "STEP_TIMEOUT",
     "OrderTopics",
+    "catering",
+    "catering_order",
     "order_saga",
     "order_saga_for",
     "order_topics",
@@ -129,6 +141,87 @@ _NOTIFY_RETRY = RetryPolicy(max_attempts=8, initial_backoff=0.1, multiplier=1.5,
 _ORDER = "$.input.order_id"
 _FAULTS = "$.input.faults"
 
+DISHES_PARALLEL = 3
+"""Most dishes of one order the kitchen prepares at once (the ``dishes`` fan-out)."""
+CATERING_PARALLEL = 3
+"""Most orders of one catering held at once (the ``orders`` fan-out of sub-sagas)."""
+CATERING_ORDER_TIMEOUT = _seconds("SAGA_CATERING_ORDER_TIMEOUT", 120.0)
+"""Seconds a catering waits for one of its orders (a whole sub-saga) to be held."""
+
+
+def _location() -> Step:
+    return Step(
+        name="location",
+        service="location",
+        action="reserve_slot",
+        compensation="release_slot",
+        timeout=STEP_TIMEOUT,
+        retry=_QUICK_RETRY,
+        compensation_retry=_UNDO_RETRY,
+        input={
+            "order_id": _ORDER,
+            "customer": "$.input.customer",
+            "zone": "$.input.zone",
+            "faults": _FAULTS,
+        },
+    )
+
+
+def _payment(depends_on: tuple[str, ...]) -> Step:
+    return Step(
+        name="payment",
+        service="payment",
+        action="charge",
+        compensation="refund",
+        depends_on=depends_on,
+        timeout=STEP_TIMEOUT,
+        retry=_QUICK_RETRY,
+        compensation_retry=_UNDO_RETRY,
+        input={
+            "order_id": _ORDER,
+            "customer": "$.input.customer",
+            "amount": "$.input.amount",
+            "faults": _FAULTS,
+        },
+    )
+
+
+def _restaurant() -> Step:
+    return Step(
+        name="restaurant",
+        service="restaurant",
+        action="accept",
+        compensation="cancel",
+        depends_on="payment",
+        timeout=STEP_TIMEOUT,
+        retry=_QUICK_RETRY,
+        compensation_retry=_UNDO_RETRY,
+        input={
+            "order_id": _ORDER,
+            "restaurant": "$.input.restaurant",
+            "items": "$.input.items",
+            "faults": _FAULTS,
+        },
+    )
+
+
+def _dishes(depends_on: tuple[str, ...]) -> Step:
+    # One item per dish of the order (`services.restaurant.prepare_dish`); a fault for one
+    # dish is keyed by its item's name, "dishes[1].prepare_dish" (`services.faults`).
+    return Step(
+        name="dishes",
+        service="restaurant",
+        action="prepare_dish",
+        compensation="discard_dish",
+        depends_on=depends_on,
+        for_each="$.input.items",
+        max_parallel=DISHES_PARALLEL,
+        timeout=STEP_TIMEOUT,
+        retry=_QUICK_RETRY,
+        compensation_retry=_UNDO_RETRY,
+        input={"order_id": _ORDER, "dish": "$.item", "faults": _FAULTS},
+    )
+
 
 def order_saga_for(prefix: str) -> SagaDefinition:
     """The pasta order saga of the deployment with topic prefix ``prefix`` (its event topics
@@ -137,11 +230,12 @@ def order_saga_for(prefix: str) -> SagaDefinition:
     return SagaDefinition(
         name="pasta_order",
         # 2: the approval, the kitchen's confirmation, the delivery window, the events.
-        version=2,
+        # 3: the dishes, prepared one by one (a fan-out).
+        version=3,
         description=(
             "Order pasta: a manager's approval for large orders, slot, payment, restaurant, "
-            "the kitchen's confirmation, rider, cooking when the delivery window opens, "
-            "notification."
+            "the kitchen's confirmation, each dish prepared, rider, cooking when the delivery "
+            "window opens, notification."
         ),
         triggers=(
             Trigger(
@@ -196,53 +290,9 @@ def order_saga_for(prefix: str) -> SagaDefinition:
                 when=f"$.input.amount > {LARGE_ORDER:g}",
                 timeout=APPROVAL_TIMEOUT,
             ),
-            Step(
-                name="location",
-                service="location",
-                action="reserve_slot",
-                compensation="release_slot",
-                timeout=STEP_TIMEOUT,
-                retry=_QUICK_RETRY,
-                compensation_retry=_UNDO_RETRY,
-                input={
-                    "order_id": _ORDER,
-                    "customer": "$.input.customer",
-                    "zone": "$.input.zone",
-                    "faults": _FAULTS,
-                },
-            ),
-            Step(
-                name="payment",
-                service="payment",
-                action="charge",
-                compensation="refund",
-                depends_on=("location", "approval"),
-                timeout=STEP_TIMEOUT,
-                retry=_QUICK_RETRY,
-                compensation_retry=_UNDO_RETRY,
-                input={
-                    "order_id": _ORDER,
-                    "customer": "$.input.customer",
-                    "amount": "$.input.amount",
-                    "faults": _FAULTS,
-                },
-            ),
-            Step(
-                name="restaurant",
-                service="restaurant",
-                action="accept",
-                compensation="cancel",
-                depends_on="payment",
-                timeout=STEP_TIMEOUT,
-                retry=_QUICK_RETRY,
-                compensation_retry=_UNDO_RETRY,
-                input={
-                    "order_id": _ORDER,
-                    "restaurant": "$.input.restaurant",
-                    "items": "$.input.items",
-                    "faults": _FAULTS,
-                },
-            ),
+            _location(),
+            _payment(("location", "approval")),
+            _restaurant(),
             Step(
                 name="kitchen",
                 wait=KITCHEN_SIGNAL,
@@ -250,6 +300,10 @@ def order_saga_for(prefix: str) -> SagaDefinition:
                 depends_on="restaurant",
                 timeout=KITCHEN_TIMEOUT,
             ),
+            # On "restaurant" too, not only through "kitchen": the engine orders compensations
+            # by direct dependants, and a skipped or confirmed kitchen step would let the order
+            # be cancelled before its dishes are discarded.
+            _dishes(("restaurant", "kitchen")),
             Step(
                 name="rider",
                 service="rider",
@@ -271,7 +325,7 @@ def order_saga_for(prefix: str) -> SagaDefinition:
                 service="restaurant",
                 action="start_cooking",
                 kind=StepKind.PIVOT,
-                depends_on=("restaurant", "kitchen", "rider"),
+                depends_on=("restaurant", "dishes", "rider"),
                 start_at="$.input.deliver_after",
                 timeout=STEP_TIMEOUT,
                 retry=_QUICK_RETRY,
@@ -303,9 +357,65 @@ def order_saga_for(prefix: str) -> SagaDefinition:
     )
 
 
+catering_order = SagaDefinition(
+    name="catering_order",
+    version=1,
+    description=(
+        "One order of a catering, held until the party cooks: slot, payment, restaurant, each "
+        "dish prepared. No pivot of its own, so its catering can still undo it."
+    ),
+    steps=(_location(), _payment(("location",)), _restaurant(), _dishes(("restaurant",))),
+)
+"""One order of a `catering`, run as its sub-saga: the pasta order's steps up to the kitchen.
+
+It is not ``pasta_order`` itself because a saga past its pivot cannot be compensated (the
+engine refuses, `saga.core.subsagas`): a catering whose own pivot fails must be able to undo
+every order it holds, so the cooking is the catering's pivot, not each order's."""
+
+
+catering = SagaDefinition(
+    name="catering",
+    version=1,
+    description=(
+        "A party's catering: each of its orders held as a sub-saga (catering_order, "
+        f"{CATERING_PARALLEL} at a time), then the restaurant cooks them all (the pivot)."
+    ),
+    steps=(
+        Step(
+            name="orders",
+            saga=catering_order.name,
+            for_each="$.input.orders",
+            max_parallel=CATERING_PARALLEL,
+            timeout=CATERING_ORDER_TIMEOUT,
+            input="$.item",
+        ),
+        Step(
+            name="cook",
+            service="restaurant",
+            action="cook_party",
+            kind=StepKind.PIVOT,
+            depends_on="orders",
+            timeout=STEP_TIMEOUT,
+            retry=_QUICK_RETRY,
+            input={
+                "party_id": "$.input.party_id",
+                "orders": "$.input.orders",
+                "faults": _FAULTS,
+            },
+        ),
+    ),
+)
+"""A party's catering: a fan-out of sub-sagas, one `catering_order` per order in
+``$.input.orders`` (child ids ``<catering>/orders[i]``), then the ``cook`` pivot, which starts
+cooking every order of the party at once (`services.restaurant.cook_party`). A failing
+``cook`` compensates ``orders``, that is every child: each order's dishes are discarded, its
+restaurant order cancelled, its charge refunded and its slot released. Make one with
+`services.orders.make_catering`."""
+
+
 def sagas_for(prefix: str) -> list[SagaDefinition]:
     """The sagas of the deployment with topic prefix ``prefix``."""
-    return [order_saga_for(prefix)]
+    return [order_saga_for(prefix), catering_order, catering]
 
 
 PREFIX = os.environ.get("SAGA_PREFIX") or "saga"

@@ -21,8 +21,9 @@ Run ``python -m services.demo`` (``make demo`` starts Kafka and Jaeger first). I
 4. prints a progress line per second, then a summary: outcomes against expectations,
    throughput, saga and per-step latencies measured from the event log, the approvals,
    confirmations and delivery windows, the ``order-completed`` and ``order-cancelled`` outcome
-   events it consumed (checked against how each saga ended), and where to look next (Jaeger,
-   ``saga replay``);
+   events it consumed (checked against how each saga ended), the dishes fan-out, and where to
+   look next (Jaeger, ``saga replay``); once the batch has ended it also runs one party's
+   ``catering`` (three orders, each a ``catering_order`` sub-saga) and shows its tree;
 5. stops every process it started (SIGTERM, then SIGKILL after a grace period), also on
    Ctrl-C or an error.
 
@@ -72,12 +73,21 @@ from anyio.abc import TaskStatus
 
 from deploy._proc import InfraError
 from deploy.tls import write_private
-from saga import SagaClient, SagaError, SagaState, SagaStatus, StepStatus, TransportError
+from saga import (
+    SagaClient,
+    SagaError,
+    SagaState,
+    SagaStatus,
+    SagaTimeout,
+    StepStatus,
+    TransportError,
+)
 from saga.core.messages import (
     ApprovalReminded,
     CompensationStarted,
     CompensationSucceeded,
     EventBase,
+    StepExpanded,
     StepRetryScheduled,
     StepScheduled,
     StepStarted,
@@ -87,9 +97,9 @@ from saga.core.messages import (
 from saga.core.replay import Replay
 from saga.runtime.ports import Record, Transport
 from saga.runtime.traceids import trace_id_for
-from services.app import KITCHEN_SIGNAL, order_topics
+from services.app import DISHES_PARALLEL, KITCHEN_SIGNAL, order_topics
 from services.fleet import PARTICIPANTS, Fleet
-from services.orders import make_order, place
+from services.orders import make_catering, make_order, place, submit_catering
 from services.secure import MANAGER, OPERATOR, LocalSecureBroker, SecureSetup
 
 __all__ = [
@@ -304,6 +314,8 @@ class Run:
     """Orders whose kitchen confirmation the demo sent."""
     decided: dict[str, str] = field(default_factory=dict)
     """Order id to the decision the demo sent on its approval (``approve`` or ``reject``)."""
+    catering: list[SagaState] = field(default_factory=list)
+    """The party's catering saga after the batch, then its child sagas, once it ended."""
 
     @property
     def ids(self) -> list[str]:
@@ -346,8 +358,27 @@ async def _drive(run: Run) -> bool:
             ended = await _watch(run, client, held)
             # The outcome events are written with the sagas' last events: a moment more.
             await _outcomes_in(run, 5.0)
+            if ended:
+                await _catering(run, client)
             tg.cancel_scope.cancel()
     return ended
+
+
+async def _catering(run: Run, client: SagaClient, timeout: float = 60.0) -> None:
+    """Runs one party's catering (three orders, each a sub-saga) and keeps its tree."""
+    party = make_catering(900, orders=3)
+    (saga_id,) = await submit_catering(client, [party])
+    print(f"\na party's catering {saga_id}: {len(party['orders'])} orders as sub-sagas ...")
+    try:
+        state = await client.wait(saga_id, timeout, poll=0.2)
+    except SagaTimeout:
+        print(f"  it did not end within {timeout:.0f}s")
+        return
+    run.catering = [state]
+    for step in state.steps.values():
+        child = await client.status(step.child) if step.child is not None else None
+        if child is not None:
+            run.catering.append(child)
 
 
 async def _outcomes_in(run: Run, timeout: float) -> None:
@@ -503,7 +534,7 @@ def _step_seconds(events: Iterable[EventBase]) -> tuple[dict[str, float], dict[s
     done: dict[str, float] = {}
     undone: dict[str, float] = {}
     for e in events:
-        if isinstance(e, StepStarted):
+        if isinstance(e, StepStarted | StepExpanded):  # a fan-out expands: its items start
             started.setdefault(e.step, e.at)
         elif isinstance(e, StepSucceeded) and e.step in started:
             done[e.step] = e.at - started[e.step]
@@ -610,13 +641,24 @@ def _summary(run: Run) -> None:
                 f" out, then {state.status.value if state else '?'} after {seconds:.1f}s"
             )
     _waiting(run, states)
+    mismatches += _fan_out(run, states)
     mismatches += _outcome_events(run, states)
     if mismatches:
         print(f"\nWARNING: {mismatches} check(s) did not come out as expected (see above)")
     _next_steps(run, states)
 
 
-_STEPS = ("approval", "location", "payment", "restaurant", "kitchen", "rider", "cook", "notify")
+_STEPS = (
+    "approval",
+    "location",
+    "payment",
+    "restaurant",
+    "kitchen",
+    "dishes",
+    "rider",
+    "cook",
+    "notify",
+)
 
 
 def _waiting(run: Run, states: dict[str, SagaState]) -> None:
@@ -690,6 +732,35 @@ def _waiting(run: Run, states: dict[str, SagaState]) -> None:
         )
 
 
+def _fan_out(run: Run, states: dict[str, SagaState]) -> int:
+    """The dishes fan-out over the batch, and the catering's tree of sub-sagas; the
+    problems found."""
+    prepared = discarded = orders = 0
+    for state in states.values():
+        items = [s for name, s in state.steps.items() if name.startswith("dishes[")]
+        orders += bool(items)
+        prepared += sum(s.status in (StepStatus.SUCCEEDED, StepStatus.COMPENSATED) for s in items)
+        discarded += sum(s.status is StepStatus.COMPENSATED for s in items)
+    print(
+        f"\nfan-out: {prepared} dishes prepared as items dishes[i] of {orders} orders "
+        f"(up to {DISHES_PARALLEL} at a time), {discarded} of them discarded when their order "
+        "was undone"
+    )
+    if not run.catering:
+        return 0
+    party, *children = run.catering
+    print(
+        f"sub-sagas: catering {party.saga_id} {party.status.value} with {len(children)} "
+        "catering_order children:"
+    )
+    for child in children:
+        print(f"    {child.saga_id:<40} {child.status.value}")
+    ok = party.status is SagaStatus.COMPLETED and all(
+        c.status is SagaStatus.COMPLETED for c in children
+    )
+    return 0 if ok else 1
+
+
 def _outcome_events(run: Run, states: dict[str, SagaState]) -> int:
     """The outcome events consumed, checked against the sagas' ends; the problems found."""
     assert run.outcomes is not None
@@ -734,6 +805,8 @@ def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
         env_file = secure.directory / f"{OPERATOR}.env"
         print(f"  as the operator, first:  set -a; . {env_file}; set +a")
     print(f"  replay:  python -m saga replay {example} {common}")
+    if run.catering:
+        print(f"  tree:    python -m saga status {run.catering[0].saga_id} {common}")
     print(f"  list:    python -m saga list {common}")
     approver = "as the operator (an approver once escalated)" if secure is not None else "as a"
     print(

@@ -7,6 +7,9 @@ A fault is named by ``"<step>.<action>"`` (``"payment.charge"``, ``"payment.refu
   compensation finds it in the step's input, under ``"input"``);
 - the environment variable ``SAGA_FAULTS``, the same JSON, applied to every order.
 
+An item of a fan-out is named after its item (``"dishes[1].prepare_dish"``: the second dish
+only), or else after its step (``"dishes.prepare_dish"``: every dish).
+
 The faults:
 
 ``fail``
@@ -40,6 +43,7 @@ from typing import Any, Literal
 import orjson
 
 from saga import StepContext, StepFailed
+from saga.core.definition import split_item
 from services.db import ServiceDB
 
 __all__ = ["CRASH_EXIT_STATUS", "Fault", "InjectedError", "fault_for"]
@@ -132,6 +136,10 @@ def fault_for(payload: Mapping[str, Any], ctx: StepContext, action: str) -> Faul
     """
     name = f"{ctx.step}.{action}"
     spec = _order_faults(payload).get(name) or _env_faults().get(name)
+    base = split_item(ctx.step)[0]
+    if not spec and base != ctx.step:
+        name = f"{base}.{action}"
+        spec = _order_faults(payload).get(name) or _env_faults().get(name)
     if not spec:
         return Fault()
     try:

@@ -1,4 +1,5 @@
-"""Order entry: makes pasta orders and starts one ``pasta_order`` saga per order.
+"""Order entry: makes pasta orders and starts one ``pasta_order`` saga per order (and
+catering orders, one ``catering`` saga per party).
 
 Every order is started with ``saga_id = order_id``, so starting the same order twice starts one
 saga, and every service can find an order by the saga id. Orders always carry a ``faults``
@@ -10,7 +11,8 @@ by hand with the ``kitchen_confirmed`` signal; no, unless asked).
 
 Two ways in: `submit` asks the engine directly (`SagaClient.start`); `place` publishes
 ``order-placed`` events (`placed_event`) to the order topic, as an ordering front end would,
-and the saga's trigger starts one saga per event (`services.app.order_topics`).
+and the saga's trigger starts one saga per event (`services.app.order_topics`). A party's
+catering (`make_catering`, `submit_catering`) holds several orders, each a sub-saga of it.
 
 Command line::
 
@@ -41,21 +43,26 @@ from saga.runtime.ports import Outgoing, Transport
 from services.app import LARGE_ORDER, order_topics
 
 __all__ = [
+    "CATERING_NAME",
     "CUSTOMERS",
     "LARGE_ORDER",
     "MENU",
     "RECOVERABLE_FAULTS",
     "SAGA_NAME",
     "main",
+    "make_catering",
     "make_order",
     "order_id_of",
     "place",
     "placed_event",
     "submit",
+    "submit_catering",
 ]
 
 SAGA_NAME = "pasta_order"
 """The saga every order starts (`services.app.order_saga`)."""
+CATERING_NAME = "catering"
+"""The saga every party's catering starts (`services.app.catering`)."""
 
 MENU: dict[str, float] = {
     "spaghetti alla carbonara": 13.5,
@@ -126,6 +133,42 @@ def make_order(
         "deliver_after": datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds"),
         "faults": dict(fault or {}),
     }
+
+
+def make_catering(
+    i: int,
+    orders: int = 3,
+    fault: Mapping[str, str] | None = None,
+    order_faults: Mapping[int, Mapping[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A party's catering: ``orders`` orders (`make_order`, numbered from ``i``), each to be
+    held by a sub-saga of its own, with a fresh party id.
+
+    Args:
+        i: The party's number; its orders are numbers ``i`` to ``i + orders - 1``.
+        orders: How many orders the party holds.
+        fault: Faults for the catering's own steps (``{"cook.cook_party": "fail"}``).
+        order_faults: Faults for some of its orders, by position (``{1: {"payment.charge":
+            "fail"}}``).
+    """
+    held = [make_order(i + n, (order_faults or {}).get(n)) for n in range(orders)]
+    return {
+        "party_id": f"party-{i:04d}-{uuid.uuid4().hex[:8]}",
+        "customer": held[0]["customer"] if held else "",
+        "orders": held,
+        "amount": round(sum(o["amount"] for o in held), 2),
+        "faults": dict(fault or {}),
+    }
+
+
+async def submit_catering(client: SagaClient, parties: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Starts one ``catering`` saga per party, with the party id as the saga id; returns the
+    ids (its orders' sub-sagas are ``<party id>/orders[i]``)."""
+    started: list[str] = []
+    for party in parties:
+        saga_id = str(party["party_id"])
+        started.append(await client.start(CATERING_NAME, party, saga_id=saga_id))
+    return started
 
 
 def _amount(quantities: Mapping[str, int]) -> float:

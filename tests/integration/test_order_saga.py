@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from saga import SagaState, SagaStatus, StepStatus
+from saga.core.definition import split_item
 from saga.core.messages import (
     Alert,
     CompensationStarted,
@@ -28,6 +29,7 @@ from saga.core.messages import (
     StepSucceeded,
     StepTimedOut,
 )
+from saga.core.schedule import is_item
 from services.faults import CRASH_EXIT_STATUS
 from services.orders import make_order
 from tests.integration.support import STEP_TIMEOUT, Services
@@ -45,12 +47,28 @@ def effects(s: Services, order_id: str) -> dict[str, Any]:
         "charge": [r["status"] for r in s.table("payment", "charges", order_id)],
         "kitchen": [r["status"] for r in s.table("restaurant", "orders", order_id)],
         "cooking": len(s.table("restaurant", "cooking", order_id)),
+        "dishes": [r["status"] for r in dishes(s, order_id)],
         "rider": [r["status"] for r in s.table("rider", "assignments", order_id)],
         "messages": len(s.table("notification", "messages", order_id)),
     }
 
 
-NOTHING = {"slot": [], "charge": [], "kitchen": [], "cooking": 0, "rider": [], "messages": 0}
+NOTHING = {
+    "slot": [],
+    "charge": [],
+    "kitchen": [],
+    "cooking": 0,
+    "dishes": [],
+    "rider": [],
+    "messages": 0,
+}
+
+
+def dishes(s: Services, order_id: str) -> list[dict[str, Any]]:
+    """The restaurant's rows of the order's dishes, by position in the order."""
+    return s.rows(
+        "restaurant", "SELECT * FROM dishes WHERE order_id = ? ORDER BY position", (order_id,)
+    )
 
 
 def of_type(events: Sequence[EventBase], cls: type[EventBase]) -> list[Any]:
@@ -66,7 +84,15 @@ def index(events: Sequence[EventBase], cls: type[EventBase], step: str) -> int:
 
 
 def compensated(events: Sequence[EventBase]) -> list[str]:
-    return [e.step for e in of_type(events, CompensationSucceeded)]
+    """The steps compensated, not counting the items of the ``dishes`` fan-out
+    (`dishes_undone` has those)."""
+    return [e.step for e in of_type(events, CompensationSucceeded) if not is_item(e.step)]
+
+
+def dishes_undone(events: Sequence[EventBase]) -> list[int]:
+    """The positions of the dishes whose ``dishes[i]`` item was compensated."""
+    found = [split_item(e.step) for e in of_type(events, CompensationSucceeded)]
+    return sorted(i for base, i in found if base == "dishes" and i is not None)
 
 
 def assert_undone_before(events: Sequence[EventBase], first: str, then: str) -> None:
@@ -111,6 +137,7 @@ async def test_happy_path_completes_with_every_effect_applied_once(services: Ser
         "charge": ["charged"],
         "kitchen": ["cooking"],
         "cooking": 1,
+        "dishes": ["prepared"] * len(order["items"]),
         "rider": ["assigned"],
         "messages": 1,
     }
@@ -127,6 +154,8 @@ async def test_happy_path_completes_with_every_effect_applied_once(services: Ser
 
 
 # -- business failures ------------------------------------------------------------------------
+
+ANY_DISHES = {k: v for k, v in NOTHING.items() if k != "dishes"}
 
 FAILURES = {
     "location": (
@@ -151,7 +180,9 @@ FAILURES = {
     ),
     "rider": (
         {"rider.assign": "fail"},
-        NOTHING | {"slot": ["released"], "charge": ["refunded"], "kitchen": ["cancelled"]},
+        # No "dishes": the rider fails about when the restaurant accepts, so the dishes may
+        # or may not have been prepared (whatever was, is discarded: the test checks that).
+        ANY_DISHES | {"slot": ["released"], "charge": ["refunded"], "kitchen": ["cancelled"]},
         ["restaurant", "payment", "location"],
         [("restaurant", "payment"), ("payment", "location")],
     ),
@@ -162,11 +193,17 @@ FAILURES = {
             "charge": ["refunded"],
             "kitchen": ["cancelled"],
             "cooking": 0,
+            "dishes": ["discarded"] * len(make_order(10)["items"]),
             "rider": ["released"],
             "messages": 0,
         },
         ["rider", "restaurant", "payment", "location"],
-        [("rider", "restaurant"), ("restaurant", "payment"), ("payment", "location")],
+        [
+            ("dishes[0]", "restaurant"),
+            ("rider", "restaurant"),
+            ("restaurant", "payment"),
+            ("payment", "location"),
+        ],
     ),
 }
 
@@ -187,12 +224,19 @@ async def test_business_failure_compensates_what_was_done_in_reverse_order(
     assert error.business
     assert error.message == f"{next(iter(faults))}: refused on purpose"
     events = await services.events(order["order_id"])
-    (failed,) = of_type(events, StepFailedEvent)
-    assert failed.step == failing
+    # A fan-out still running when the saga fails is closed as failed too: not counted.
+    failed = of_type(events, StepFailedEvent)
+    assert [e.step for e in failed if split_item(e.step)[0] != "dishes"] == [failing]
     assert sorted(compensated(events)) == sorted(undone)
     for first, then in order_pairs:
         assert_undone_before(events, first, then)
-    assert effects(services, order["order_id"]) == expected_effects
+    found = effects(services, order["order_id"])
+    if "dishes" not in expected_effects:
+        assert set(found.pop("dishes")) <= {"discarded"}
+    assert found == expected_effects
+    # Exactly the dishes that were prepared were discarded, each by its own item.
+    prepared = [r["position"] for r in dishes(services, order["order_id"])]
+    assert dishes_undone(events) == prepared
     # Nothing runs after the failure but compensations: the pivot never started.
     assert state.steps["cook"].status in (StepStatus.PENDING, StepStatus.FAILED)
     assert state.steps["notify"].status is StepStatus.PENDING
@@ -334,6 +378,7 @@ async def test_cancel_mid_saga_compensates(services: Services) -> None:
         "charge": ["refunded"],
         "kitchen": ["cancelled"],
         "cooking": 0,
+        "dishes": [],  # the saga was compensating when the restaurant accepted
         "rider": ["released"],
         "messages": 0,
     }
