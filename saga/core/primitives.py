@@ -214,10 +214,10 @@ def fire_timers(plan: Plan) -> bool:
     if deadline is not None and deadline <= plan.now and plan.s.status is SagaStatus.RUNNING:
         fired = True
         pivot = plan.d.pivot
+        # A skipped pivot is crossed all the same: the steps after it go forward only.
         before_pivot = pivot is None or plan.step_state(pivot).status in (
             StepStatus.PENDING,
             StepStatus.SCHEDULED,
-            StepStatus.SKIPPED,
         )
         plan.emit(SagaDeadlinePassed, compensating=before_pivot)
         if before_pivot:

@@ -291,7 +291,8 @@ def owes_undo(d: SagaDefinition, state: SagaState, name: str) -> bool:
     sd = d.unit(name)
     if sd.for_each is not None and sd.name == split_item(name)[0]:
         return False  # a fan-out's items are undone, one by one; the step itself sends nothing
-    return step_state(state, name).status in UNDO_OWED and sd.has_effect
+    undoable = sd.compensation is not None or sd.saga is not None
+    return step_state(state, name).status in UNDO_OWED and sd.has_effect and undoable
 
 
 def is_finished(d: SagaDefinition, state: SagaState, name: str) -> bool:

@@ -572,3 +572,21 @@ def test_compensation_waits_for_steps_after_a_wait_or_a_skipped_step() -> None:
             "dishes",
             "restaurant",
         ]
+
+
+def test_a_skipped_pivot_is_crossed_all_the_same_for_the_deadline() -> None:
+    d = _saga(
+        make_step("a"),
+        make_step("p", kind=StepKind.PIVOT, after=["a"], when="$.input.k > 0"),
+        make_step("r", kind=StepKind.RETRIABLE, after=["p"]),
+        deadline=60,
+    )
+    drv = Driver(d)
+    drv.start({"k": 0})
+    drv.reply(drv.open_command("a"))
+    assert drv.state is not None
+    assert drv.state.steps["p"].status is StepStatus.SKIPPED
+    assert drv.open_command("r")  # past the (skipped) pivot: only forward from here
+    drv.tick(T0 + 60)
+    assert drv.state.status is SagaStatus.RUNNING
+    assert [a.kind for a in drv.alerts] == ["deadline"]
