@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from saga import RetryPolicy, SagaDefinition, Step, StepKind
 from saga.core.definition import Approval
@@ -149,77 +150,56 @@ CATERING_ORDER_TIMEOUT = _seconds("SAGA_CATERING_ORDER_TIMEOUT", 120.0)
 """Seconds a catering waits for one of its orders (a whole sub-saga) to be held."""
 
 
-def _location() -> Step:
+def _command(
+    name: str,
+    service: str,
+    action: str,
+    compensation: str,
+    inputs: dict[str, Any],
+    **fields: Any,
+) -> Step:
+    """A step of the order's services: quick retries, a few tries to undo, and every input
+    carrying the order id and the order's ``faults`` (`services.faults`)."""
     return Step(
-        name="location",
-        service="location",
-        action="reserve_slot",
-        compensation="release_slot",
+        name=name,
+        service=service,
+        action=action,
+        compensation=compensation,
         timeout=STEP_TIMEOUT,
         retry=_QUICK_RETRY,
         compensation_retry=_UNDO_RETRY,
-        input={
-            "order_id": _ORDER,
-            "customer": "$.input.customer",
-            "zone": "$.input.zone",
-            "faults": _FAULTS,
-        },
+        input={"order_id": _ORDER, **inputs, "faults": _FAULTS},
+        **fields,
     )
+
+
+def _location() -> Step:
+    inputs = {"customer": "$.input.customer", "zone": "$.input.zone"}
+    return _command("location", "location", "reserve_slot", "release_slot", inputs)
 
 
 def _payment(depends_on: tuple[str, ...]) -> Step:
-    return Step(
-        name="payment",
-        service="payment",
-        action="charge",
-        compensation="refund",
-        depends_on=depends_on,
-        timeout=STEP_TIMEOUT,
-        retry=_QUICK_RETRY,
-        compensation_retry=_UNDO_RETRY,
-        input={
-            "order_id": _ORDER,
-            "customer": "$.input.customer",
-            "amount": "$.input.amount",
-            "faults": _FAULTS,
-        },
-    )
+    inputs = {"customer": "$.input.customer", "amount": "$.input.amount"}
+    return _command("payment", "payment", "charge", "refund", inputs, depends_on=depends_on)
 
 
 def _restaurant() -> Step:
-    return Step(
-        name="restaurant",
-        service="restaurant",
-        action="accept",
-        compensation="cancel",
-        depends_on="payment",
-        timeout=STEP_TIMEOUT,
-        retry=_QUICK_RETRY,
-        compensation_retry=_UNDO_RETRY,
-        input={
-            "order_id": _ORDER,
-            "restaurant": "$.input.restaurant",
-            "items": "$.input.items",
-            "faults": _FAULTS,
-        },
-    )
+    inputs = {"restaurant": "$.input.restaurant", "items": "$.input.items"}
+    return _command("restaurant", "restaurant", "accept", "cancel", inputs, depends_on="payment")
 
 
 def _dishes(depends_on: tuple[str, ...]) -> Step:
     # One item per dish of the order (`services.restaurant.prepare_dish`); a fault for one
     # dish is keyed by its item's name, "dishes[1].prepare_dish" (`services.faults`).
-    return Step(
-        name="dishes",
-        service="restaurant",
-        action="prepare_dish",
-        compensation="discard_dish",
+    return _command(
+        "dishes",
+        "restaurant",
+        "prepare_dish",
+        "discard_dish",
+        {"dish": "$.item"},
         depends_on=depends_on,
         for_each="$.input.items",
         max_parallel=DISHES_PARALLEL,
-        timeout=STEP_TIMEOUT,
-        retry=_QUICK_RETRY,
-        compensation_retry=_UNDO_RETRY,
-        input={"order_id": _ORDER, "dish": "$.item", "faults": _FAULTS},
     )
 
 
@@ -300,25 +280,16 @@ def order_saga_for(prefix: str) -> SagaDefinition:
                 depends_on="restaurant",
                 timeout=KITCHEN_TIMEOUT,
             ),
-            # On "restaurant" too, not only through "kitchen": the engine orders compensations
-            # by direct dependants, and a skipped or confirmed kitchen step would let the order
-            # be cancelled before its dishes are discarded.
-            _dishes(("restaurant", "kitchen")),
-            Step(
-                name="rider",
-                service="rider",
-                action="assign",
-                compensation="release",
+            # After the kitchen's confirmation (skipped or not): undoing goes back through it,
+            # so the dishes are discarded before the order is cancelled.
+            _dishes(("kitchen",)),
+            _command(
+                "rider",
+                "rider",
+                "assign",
+                "release",
+                {"zone": "$.input.zone", "slot": "$.steps.location.output.slot"},
                 depends_on=("restaurant:ss", "location"),
-                timeout=STEP_TIMEOUT,
-                retry=_QUICK_RETRY,
-                compensation_retry=_UNDO_RETRY,
-                input={
-                    "order_id": _ORDER,
-                    "zone": "$.input.zone",
-                    "slot": "$.steps.location.output.slot",
-                    "faults": _FAULTS,
-                },
             ),
             Step(
                 name="cook",

@@ -3,101 +3,19 @@ OpenTelemetry observer exports while the harness runs them under virtual time.""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from saga import Participant, SagaDefinition, SagaStatus, Step, StepContext
+from saga import SagaStatus
 from saga.adapters.tracing import DeterministicIds, OpenTelemetryObserver
-from saga.core.definition import Approval
 from saga.runtime.traceids import root_span_id, trace_id_for
 from saga.testing import SagaHarness
+from tests.views.primitives_app import ORDER, RECEIPT, services
 
 pytestmark = pytest.mark.anyio
-
-ORDER = SagaDefinition(
-    name="order",
-    steps=[
-        Step(name="pay", service="bank", action="charge", compensation="refund"),
-        Step(
-            name="manager",
-            approval=Approval(approvers=("ann",), remind_after=60),
-            timeout=3600,
-            depends_on=["pay"],
-        ),
-        Step(name="kitchen", wait="kitchen_confirmed", timeout=3600, depends_on=["manager"]),
-        Step(
-            name="dishes",
-            service="kitchen",
-            action="cook",
-            compensation="discard",
-            for_each="$.input.dishes",
-            input={"dish": "$.item"},
-            depends_on=["kitchen"],
-        ),
-        Step(
-            name="extra",
-            service="bank",
-            action="charge",
-            compensation="refund",
-            when="$.input.total > 1000",
-            depends_on=["pay"],
-        ),
-        Step(
-            name="deliver",
-            service="post",
-            action="ship",
-            compensation="recall",
-            delay=120,
-            depends_on=["dishes"],
-        ),
-        Step(name="receipt", saga="receipt", depends_on=["deliver"]),
-    ],
-)
-
-RECEIPT = SagaDefinition(
-    name="receipt",
-    steps=[Step(name="print", service="post", action="print", kind="pivot")],
-)
-
-
-def services() -> list[Participant]:
-    bank, kitchen, post = Participant("bank"), Participant("kitchen"), Participant("post")
-
-    @bank.handler("charge")
-    async def charge(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        return {"id": "c"}
-
-    @bank.handler("refund")
-    async def refund(payload: dict[str, Any], ctx: StepContext) -> None:
-        return None
-
-    @kitchen.handler("cook")
-    async def cook(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        return {"cooked": payload["dish"]}
-
-    @kitchen.handler("discard")
-    async def discard(payload: dict[str, Any], ctx: StepContext) -> None:
-        return None
-
-    @post.handler("ship")
-    async def ship(payload: dict[str, Any], ctx: StepContext) -> None:
-        return None
-
-    @post.handler("recall")
-    async def recall(payload: dict[str, Any], ctx: StepContext) -> None:
-        return None
-
-    @post.handler("print")
-    async def print_(payload: dict[str, Any], ctx: StepContext) -> None:
-        return None
-
-    return [bank, kitchen, post]
-
 
 def observer(spans: InMemorySpanExporter) -> OpenTelemetryObserver:
     tracer = TracerProvider(id_generator=DeterministicIds())
