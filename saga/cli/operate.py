@@ -16,9 +16,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import orjson
 
 from saga.cli.common import CliError, client, out, show_final, wait_final
+from saga.core.events import SignalReceived, SignalRejected
 from saga.core.state import SagaStatus
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ OPERATIONS = (
     Operation(
         "signal",
         "deliver a named signal to a saga (its wait step completes with the data)",
-        lambda c, a: c.signal(a.saga_id, a.name, _data(a)),
+        lambda c, a: _signal(c, a),
         _ENDS,
         (
             ("name", "NAME", "the signal's name (a wait step's `wait`)"),
@@ -122,10 +124,48 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         p.set_defaults(handler=_request, operation=op)
 
 
+async def _signal(c: SagaClient, args: argparse.Namespace) -> int:
+    # A signal for an id that names no saga would only be dead-lettered: say so now.
+    if await c.status(args.saga_id) is None:
+        raise CliError(
+            f"no saga {args.saga_id!r} under prefix {args.prefix!r}: a signal for it would be "
+            "dead-lettered; check the id (saga list) and --prefix"
+        )
+    return await c.signal(args.saga_id, args.name, _data(args))
+
+
+ANSWER_WAIT = 10.0
+"""Seconds ``saga signal`` waits for the coordinator to say whether the saga took it."""
+
+
+async def _signal_answer(c: SagaClient, args: argparse.Namespace, seq: int) -> int:
+    """Prints whether the saga took the signal or why not (exit 3 if it did not)."""
+    data: dict[str, Any] = {"saga_id": args.saga_id, "signal": args.name}
+    with anyio.move_on_after(ANSWER_WAIT):
+        while True:
+            state = await c.status(args.saga_id)
+            if state is not None and state.seq > seq:
+                for event in (await c.events(args.saga_id))[seq:]:
+                    if isinstance(event, SignalReceived) and event.name == args.name:
+                        text = f"signal {args.name!r} taken by saga {args.saga_id}"
+                        out(args, {**data, "taken": True}, text)
+                        return 0
+                    if isinstance(event, SignalRejected) and event.name == args.name:
+                        reason = event.reason
+                        out(args, {**data, "taken": False, "reason": reason}, f"refused: {reason}")
+                        return 3
+            await anyio.sleep(0.2)
+    text = f"signal {args.name!r} sent to {args.saga_id}; no answer within {ANSWER_WAIT:g}s yet"
+    out(args, {**data, "taken": None}, text)
+    return 0
+
+
 async def _request(args: argparse.Namespace) -> int:
     op: Operation = args.operation
     async with client(args) as c:
         seq = await op.send(c, args)
+        if args.wait is None and op.name == "signal":
+            return await _signal_answer(c, args, seq)
         if args.wait is None:
             data = {"saga_id": args.saga_id, "requested": op.name}
             out(args, data, f"{op.name} requested for {args.saga_id}")

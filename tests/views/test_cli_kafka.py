@@ -146,3 +146,12 @@ async def test_replay_status_rebuild_timeline_graph_and_watch(
     code, out, err = await cli(capsys, run, "replay", "no-such-saga")
     assert code == 1
     assert "no events for saga 'no-such-saga'" in err
+
+
+async def test_a_signal_for_no_saga_is_refused_before_it_is_sent(
+    run: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = await cli(capsys, run, "signal", f"nobody-{run.prefix}", "cooked")
+    assert code == 1
+    assert "a signal for it would be dead-lettered" in err
+    assert out == ""
