@@ -106,7 +106,8 @@ demo: $(STAMP)
 CHAOS_SAGAS ?= 150
 chaos: $(STAMP)
 	$(MAKE) --no-print-directory deps
-	CHAOS_SAGAS=$(CHAOS_SAGAS) $(PY) -m pytest tests/chaos -q --timeout 1800
+	CHAOS_SAGAS=$(CHAOS_SAGAS) CHAOS_SECURE_SAGAS=$(CHAOS_SAGAS) \
+		$(PY) -m pytest tests/chaos -q --timeout 1800
 
 # Benchmarks start their own throwaway broker and Jaeger; figures go to stdout as JSON lines.
 # The soak (bench/soak.py) runs a 2-minute and a SOAK_MINUTES run, about SOAK_MINUTES + 5
