@@ -375,6 +375,14 @@ def test_sagas_with_waiting_steps_terminate_with_a_legal_trace(
             assert name not in started
         if sd.when is not None and name in started:
             assert k > int(sd.when.rsplit(" ", 1)[1])
+    # Reverse order: a step is undone only after whatever came after it was (looking through
+    # the steps that have nothing to undo: waits, approvals, skipped steps, to what follows).
+    undo_start = {e.step: i for i, e in enumerate(drv.events) if isinstance(e, CompensationStarted)}
+    undo_end = {e.step: i for i, e in enumerate(drv.events) if isinstance(e, CompensationSucceeded)}
+    for step, at in undo_start.items():
+        for later in _after(d, step.split("[")[0], n):
+            if later in undo_start:
+                assert undo_end.get(later, at + 1) < at, (step, later)
     # No step started before its timer fired.
     scheduled = {e.step: e.due_at for e in drv.events if isinstance(e, StepScheduled)}
     for e in drv.events:
@@ -399,3 +407,16 @@ def test_sagas_with_waiting_steps_terminate_with_a_legal_trace(
                 StepStatus.FAILED,
                 StepStatus.COMPENSATED,
             ) or (ss.status is StepStatus.SUCCEEDED and not d.step(name).has_effect), name
+
+
+def _after(d: SagaDefinition, name: str, n: int) -> set[str]:
+    """Every step or item that depends on ``name``, directly or through any other step."""
+    found: set[str] = set()
+    stack = [name]
+    while stack:
+        for dependent, _ in d.dependents(stack.pop()):
+            if dependent not in found:
+                found.add(dependent)
+                found.update(f"{dependent}[{i}]" for i in range(n))
+                stack.append(dependent)
+    return found
