@@ -70,7 +70,7 @@ import binascii
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -419,38 +419,11 @@ class SealedTransport:
         return _with(record, orjson.dumps(obj), headers, wire=value)
 
     def _seal_tree(self, root: dict[str, Any], aad: bytes) -> bool:
-        changed = False
-        stack: list[Any] = [root]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(item for item in node if isinstance(item, _CONTAINERS))
-                continue
-            for name, child in node.items():
-                if name in SEALED_FIELDS and isinstance(child, dict):
-                    if not is_sealed(child):  # sealed already: a dead letter of one not opened
-                        node[name] = self.codec.seal(child, aad)
-                        changed = True
-                elif isinstance(child, _CONTAINERS):
-                    stack.append(child)
-        return changed
+        # Sealed already: a dead letter of a record that could not be opened.
+        return _transform(root, lambda obj: not is_sealed(obj), self.codec.seal, aad)
 
     def _open_tree(self, root: dict[str, Any], aad: bytes) -> bool:
-        changed = False
-        stack: list[Any] = [root]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(item for item in node if isinstance(item, _CONTAINERS))
-                continue
-            for name, child in node.items():
-                if name in SEALED_FIELDS and isinstance(child, dict):
-                    if is_sealed(child):
-                        node[name] = self.codec.open(child, aad)
-                        changed = True
-                elif isinstance(child, _CONTAINERS):
-                    stack.append(child)
-        return changed
+        return _transform(root, is_sealed, self.codec.open, aad)
 
     # -- the transport port ----------------------------------------------------------------
 
@@ -506,6 +479,31 @@ class SealedTransport:
         """Reads committed records of one partition, opened."""
         async for record in self.inner.read(topic, partition, start):
             yield self.open_record(record)
+
+
+def _transform(
+    root: dict[str, Any],
+    wanted: Callable[[dict[str, Any]], bool],
+    change: Callable[[dict[str, Any], bytes], dict[str, Any]],
+    aad: bytes,
+) -> bool:
+    """Replaces, in place, every object under a `SEALED_FIELDS` key that is ``wanted`` by what
+    ``change`` makes of it (without going into what it replaced); whether any was."""
+    changed = False
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(item for item in node if isinstance(item, _CONTAINERS))
+            continue
+        for name, child in node.items():
+            if name in SEALED_FIELDS and isinstance(child, dict):
+                if wanted(child):
+                    node[name] = change(child, aad)
+                    changed = True
+            elif isinstance(child, _CONTAINERS):
+                stack.append(child)
+    return changed
 
 
 def _with(

@@ -513,21 +513,12 @@ _Truth = bool | None
 
 def _resolve(ref: str, scope: Scope) -> tuple[bool, Any]:
     """Returns ``(True, value)``, or ``(False, why)`` when the path is missing."""
-    if ref == "$.item" or ref.startswith("$.item."):
-        if scope.item is NO_ITEM:
-            return False, f"{ref}: there is no fan-out item here (only for_each steps have one)"
-        # dataflow has no item root: the item is resolved as the input {"item": item}, so the
-        # walk through keys and list indexes is exactly dataflow's.
-        as_input = "$.input" + ref[1:]
-        try:
-            return True, dataflow.render(
-                as_input, saga_id=scope.saga_id, saga_input={"item": scope.item}, outputs={}
-            )
-        except dataflow.ResolveError as exc:
-            return False, str(exc).replace(as_input, ref, 1)
+    item: dict[str, Any] = {} if scope.item is NO_ITEM else {"item": scope.item}
+    if not item and (ref == "$.item" or ref.startswith("$.item.")):
+        return False, f"{ref}: there is no fan-out item here (only for_each steps have one)"
     try:
         return True, dataflow.render(
-            ref, saga_id=scope.saga_id, saga_input=scope.saga_input, outputs=scope.outputs
+            ref, saga_id=scope.saga_id, saga_input=scope.saga_input, outputs=scope.outputs, **item
         )
     except dataflow.ResolveError as exc:
         return False, str(exc)

@@ -15,7 +15,7 @@ when the definition loads (`references`), so a typo fails early, and resolved pu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["ResolveError", "lookup", "references", "render", "render_with"]
@@ -69,7 +69,8 @@ def render(
     """
     if template is None:
         return dict(saga_input)
-    return _render(template, _Data(saga_id, saga_input, outputs, item))
+    data = _Data(saga_id, saga_input, outputs, item)
+    return _substitute(template, lambda ref: _lookup(ref, data))
 
 
 class _Data:
@@ -95,13 +96,7 @@ def render_with(template: Any, roots: Mapping[str, Any]) -> Any:
     Raises:
         ResolveError: A root or a path does not exist (the message names the reference).
     """
-    if isinstance(template, str) and template.startswith(_PREFIX):
-        return lookup(template, roots)
-    if isinstance(template, Mapping):
-        return {k: render_with(v, roots) for k, v in template.items()}
-    if isinstance(template, list | tuple):
-        return [render_with(v, roots) for v in template]
-    return template
+    return _substitute(template, lambda ref: lookup(ref, roots))
 
 
 def lookup(ref: str, roots: Mapping[str, Any]) -> Any:
@@ -128,14 +123,15 @@ def _walk(ref: str, value: Any, path: list[str]) -> Any:
     return value
 
 
-def _render(template: Any, data: _Data) -> Any:
+def _substitute(template: Any, resolve: Callable[[str], Any]) -> Any:
+    """``template`` with every reference in it replaced by what ``resolve`` gives for it."""
     # Inside a template, None is a literal null (only a missing template means "the input").
     if isinstance(template, str) and template.startswith(_PREFIX):
-        return _lookup(template, data)
+        return resolve(template)
     if isinstance(template, Mapping):
-        return {k: _render(v, data) for k, v in template.items()}
+        return {k: _substitute(v, resolve) for k, v in template.items()}
     if isinstance(template, list | tuple):
-        return [_render(v, data) for v in template]
+        return [_substitute(v, resolve) for v in template]
     return template
 
 

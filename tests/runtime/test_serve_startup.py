@@ -61,6 +61,11 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def _trusting(setup: Path) -> tuple[str, ...]:
+    """The keyring and policy options of the set-up."""
+    return ("--keyring", str(setup / "keyring.yaml"), "--policy", str(setup / "policy.yaml"))
+
+
 def _run(capsys: pytest.CaptureFixture[str], bootstrap: str, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main([*args, "--bootstrap-servers", bootstrap])
@@ -88,10 +93,7 @@ def test_a_missing_key_file_is_named(
         "startup_app:sagas",
         "--signing-key",
         str(setup / "nope.key"),
-        "--keyring",
-        str(setup / "keyring.yaml"),
-        "--policy",
-        str(setup / "policy.yaml"),
+        *_trusting(setup),
     )
     assert code == 1
     assert err.count("\n") == 1
@@ -111,10 +113,7 @@ def test_a_private_key_readable_by_others_is_refused(
         "startup_app:sagas",
         "--signing-key",
         str(setup / "coordinator.key"),
-        "--keyring",
-        str(setup / "keyring.yaml"),
-        "--policy",
-        str(setup / "policy.yaml"),
+        *_trusting(setup),
     )
     assert code == 1
     assert "chmod 600" in err
@@ -144,10 +143,7 @@ def test_a_policy_with_an_unknown_principal_or_action_is_refused(
         "startup_app:sagas",
         "--signing-key",
         str(setup / "coordinator.key"),
-        "--keyring",
-        str(setup / "keyring.yaml"),
-        "--policy",
-        str(setup / "policy.yaml"),
+        *_trusting(setup),
     )
     assert code == 1
     assert expected in err
@@ -165,10 +161,7 @@ def test_a_participant_signing_as_another_service_is_refused(
         "startup_app:payment",
         "--signing-key",
         str(setup / "shop.key"),
-        "--keyring",
-        str(setup / "keyring.yaml"),
-        "--policy",
-        str(setup / "policy.yaml"),
+        *_trusting(setup),
     )
     assert code == 1
     assert "'shop'" in err
