@@ -203,6 +203,8 @@ class _MemoryConsumer:
     async def seek_to_committed(self, partitions: frozenset[TopicPartition]) -> None:
         for tp in partitions & self.owned:
             self.positions[tp] = self.group.committed.get(tp, 0)
+        # A poll already waiting sees the rewound records now, as Kafka's fetcher would.
+        self.broker.wake()
 
 
 class _MemoryProducer:

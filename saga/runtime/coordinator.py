@@ -6,11 +6,13 @@ Coordinators form one consumer group over the requests and replies topics. Both 
 saga id and have as many partitions as the log, so the member that owns partition p of the
 inputs owns everything about the sagas of partition p (DESIGN section 3).
 
-One loop polls a batch and has each owned partition (`saga.runtime.partition`) stage it, with
-the timers due now, into **one transaction per partition**: the events to the log, the commands
-to the services, the snapshots of changed sagas, dead letters, alerts, and the consumed
-offsets. Either all of it happens or none of it; state in memory changes only after the commit
-succeeds.
+One loop polls and hands each owned partition (`saga.runtime.partition`) its records; each
+partition stages what it was handed, with the timers due now, into **one transaction of its
+own**: the events to the log, the commands to the services, the snapshots of changed sagas,
+dead letters, alerts, and the consumed offsets. Either all of it happens or none of it; state
+in memory changes only after the commit succeeds. Partitions commit independently and the loop
+polls on while they do, so what arrives during a partition's transaction joins its next one
+(`saga.runtime.lanes`).
 
 On assignment of partition p the coordinator first opens the partition's producer (which
 fences a previous owner and aborts its open transaction) and then rebuilds state from the
@@ -26,6 +28,7 @@ saga's partition is owned here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -33,7 +36,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from saga.core.codec import DEFAULT_LIMITS, Limits
 from saga.core.definition import SagaDefinition
@@ -47,6 +50,7 @@ from saga.runtime.definitions import DefinitionStore, published_digests
 from saga.runtime.dlq import DeadLetter
 from saga.runtime.facade import CoordinatorFacade
 from saga.runtime.gate import CoordinatorGate
+from saga.runtime.lanes import Lanes
 from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.partition import Batch, OwnedPartition
 from saga.runtime.ports import (
@@ -59,7 +63,7 @@ from saga.runtime.ports import (
     Transport,
 )
 from saga.runtime.retention import Retention
-from saga.runtime.splitting import Trouble, partitions_of
+from saga.runtime.splitting import Trouble
 from saga.runtime.triggers import TriggerRelay, subscriptions
 from saga.runtime.trust import Trust
 
@@ -182,6 +186,8 @@ class Coordinator(CoordinatorFacade):
         self._trouble: dict[int, Trouble] = {}
         self._lost: set[int] = set()
         self._lock = anyio.Lock()
+        # Polling pauses while this many records wait for their partitions' transactions.
+        self._lanes = Lanes(max_pending=4 * batch_size)
         self._client = SagaClient(
             transport,
             prefix=prefix,
@@ -270,18 +276,25 @@ class Coordinator(CoordinatorFacade):
             await self._serve(task_status)
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
-        """The loop: polls requests and replies, decides, commits, fires timers."""
+        """The loop: polls requests and replies and hands them to the partitions' lanes, which
+        decide and commit on their own (`saga.runtime.lanes`); starts lanes whose timers are
+        due."""
         t = self.topics
         async with self.transport.consumer(
             t.coordinator_group, [t.requests, t.replies], listener=self
         ) as consumer:
             task_status.started()
             try:
-                while True:
-                    records = await consumer.poll(self._poll_timeout(), self.batch_size)
-                    async with self._lock:
-                        await self._reacquire_lost(consumer)
-                        await self._process_batch(records, consumer)
+                async with anyio.create_task_group() as lanes:
+                    while True:
+                        await self._lanes.room()
+                        records = await consumer.poll(self._poll_timeout(), self.batch_size)
+                        async with self._lock:
+                            again = await self._reacquire_lost(consumer)
+                        # Records of a partition just taken over again come again after the seek.
+                        self._dispatch(
+                            [r for r in records if r.partition not in again], lanes, consumer
+                        )
             finally:
                 with anyio.CancelScope(shield=True):
                     for p in list(self._parts):
@@ -307,19 +320,36 @@ class Coordinator(CoordinatorFacade):
         async with self._lock:
             for topic, p in partitions:
                 if topic == self.topics.requests and p in self._parts:
-                    await self._drop(p)
+                    async with self._lanes[p].lock:  # its transaction in progress ends first
+                        await self._drop(p)
 
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         """Fences the previous owner and rebuilds state for newly assigned partitions."""
         async with self._lock:
             self._owned_inputs = partitions
-            for topic, p in sorted(partitions):
-                if topic == self.topics.requests and p not in self._parts:
+            # Concurrently: each is a producer to open (fencing) and a partition to read, and
+            # a restarted coordinator's first progress waits for the slowest, not their sum.
+            refused: list[Unauthorized] = []
+
+            async def acquire(p: int) -> None:
+                try:
                     await self._acquire(p)
+                except Unauthorized as exc:  # raised as itself, not in an exception group
+                    refused.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for topic, p in sorted(partitions):
+                    if topic == self.topics.requests and p not in self._parts:
+                        tg.start_soon(acquire, p)
+            if refused:
+                raise refused[0]
             self._assigned.set()
 
-    async def _reacquire_lost(self, consumer: Consumer) -> None:
+    async def _reacquire_lost(self, consumer: Consumer) -> set[int]:
+        """Takes lost partitions over again while they are assigned here; returns those taken
+        (the consumer reads them again from their committed offsets)."""
         assignment = consumer.assignment()
+        taken: set[int] = set()
         for p in sorted(self._lost):
             self._lost.discard(p)
             if (self.topics.requests, p) in assignment and p not in self._parts:
@@ -330,8 +360,10 @@ class Coordinator(CoordinatorFacade):
                     try:
                         await consumer.seek_to_committed(inputs)
                     except TransportError:
-                        await self._drop(p)
-                        self._lost.add(p)
+                        await self._lose(p)
+                    else:
+                        taken.add(p)
+        return taken
 
     async def _acquire(self, p: int) -> None:
         started = self.clock.now()
@@ -384,47 +416,70 @@ class Coordinator(CoordinatorFacade):
         )
 
     async def _drop(self, p: int) -> None:
+        self._lanes.clear(p)
         part = self._parts.pop(p, None)
         if part is not None:
             await part.close()
 
     # -- processing --------------------------------------------------------------------------
 
-    async def _process_batch(self, records: list[Record], consumer: Consumer) -> None:
-        now = self.clock.now()
+    def _dispatch(self, records: list[Record], lanes: TaskGroup, consumer: Consumer) -> None:
+        """Appends the polled records to their partitions' lanes and starts a worker for each
+        lane with work (pending records or a timer due) that has none."""
         by_partition: dict[int, list[Record]] = defaultdict(list)
         for record in records:
-            by_partition[record.partition].append(record)
-        work = {p for p in by_partition if p in self._parts}
-        work |= {
-            n
-            for n, part in self._parts.items()
-            if (due := part.next_timer()) is not None and due <= now
-        }
-        if not work:
-            return
-        async with anyio.create_task_group() as tg:
-            for p in sorted(work):
-                tg.start_soon(self._process_partition, p, by_partition.get(p, []), now, consumer)
+            if record.partition in self._parts:  # others were lost: they are read again
+                by_partition[record.partition].append(record)
+        for p, polled in by_partition.items():
+            self._lanes.add(p, polled)
+        now = self.clock.now()
+        for p, part in self._parts.items():
+            lane = self._lanes[p]
+            if lane.busy:
+                continue  # it takes the new records when its transaction is done
+            if lane.pending or ((due := part.next_timer()) is not None and due <= now):
+                lane.busy = True
+                lanes.start_soon(self._drain, p, consumer)
+
+    async def _drain(self, p: int, consumer: Consumer) -> None:
+        """One lane's worker: commits transactions of its pending records and due timers until
+        none are left (records that arrive meanwhile join the next transaction)."""
+        lane = self._lanes[p]
+        try:
+            while True:
+                async with lane.lock:
+                    part = self._parts.get(p)
+                    if part is None:
+                        return
+                    trouble = self._trouble.get(p)
+                    records = self._lanes.take(p, trouble.limit if trouble else self.batch_size)
+                    now = self.clock.now()
+                    due = part.next_timer()
+                    if not records and (due is None or due > now):
+                        return
+                    committed = await self._process_partition(part, records, now, consumer)
+                    if not records and not committed:
+                        return  # timers that led to nothing: the poll loop looks again
+        finally:
+            lane.busy = False
 
     async def _process_partition(
-        self, p: int, records: list[Record], now: float, consumer: Consumer
-    ) -> None:
-        part = self._parts[p]
+        self, part: OwnedPartition, records: list[Record], now: float, consumer: Consumer
+    ) -> bool:
+        """Stages and commits one transaction of ``part``; whether one was committed."""
+        p = part.number
         trouble = self._trouble.get(p)
-        rest: list[Record] = []
-        if trouble is not None and len(records) > trouble.limit:
-            records, rest = records[: trouble.limit], records[trouble.limit :]
         batch: Batch | None
         if trouble is not None and trouble.exhausted and records:
             batch = part.set_aside(records[0], f"its transactions kept failing: {trouble.error}")
+            self._lanes.put_back(p, records[1:])
         else:
             batch = await self._stage(part, records, now, consumer)
         if batch is None:
-            return
+            return False
         if batch.empty:
             self._count_retention(batch)  # evictions change only memory: nothing to commit
-            return
+            return False
         try:
             written = await part.producer.commit(
                 batch.records, batch.offsets, self.topics.coordinator_group
@@ -432,27 +487,17 @@ class Coordinator(CoordinatorFacade):
         except Fenced:
             self.stats.fenced += 1
             log.warning("partition %d: fenced by a newer coordinator; dropping it", p)
-            await self._drop(p)
-            self._lost.add(p)
-            return
+            await self._lose(p, consumer)
+            return False
         except TransportError as exc:
             self.stats.failed_transactions += 1
             log.warning("partition %d: transaction failed (%s); rewinding and retrying", p, exc)
             self._trouble.setdefault(p, Trouble(records)).failed(len(records), exc)
-            await self._drop(p)
-            await consumer.seek_to_committed(frozenset(batch.offsets) | partitions_of(rest))
-            self._lost.add(p)
-            return
+            await self._lose(p, consumer)
+            return False
         part.apply(batch, written)
-        if trouble is not None:
-            if trouble.passed(batch.offsets):
-                del self._trouble[p]
-            if rest:
-                try:  # the records left out come again, in small batches while in trouble
-                    await consumer.seek_to_committed(partitions_of(rest))
-                except TransportError:
-                    await self._drop(p)
-                    self._lost.add(p)
+        if trouble is not None and trouble.passed(batch.offsets):
+            del self._trouble[p]
         self._count(batch)
         self.observer.committed(batch.committed, self.clock.now())
         for saga_id, state in batch.states.items():
@@ -460,13 +505,27 @@ class Coordinator(CoordinatorFacade):
                 self._wake(saga_id)
         for alert in batch.alerts:
             await self._run_alert_hooks(alert)
+        return True
+
+    async def _lose(self, p: int, consumer: Consumer | None = None) -> None:
+        """Drops the partition; the poll loop takes it over again while it is assigned here.
+
+        With ``consumer``, also rewinds its inputs to the committed offsets now, so that the
+        poll loop is woken by them (this batch and everything pending after it come again)
+        instead of waiting out its poll. aiokafka passes over records fetched before a seek.
+        """
+        await self._drop(p)
+        self._lost.add(p)
+        if consumer is not None:
+            inputs = frozenset({(self.topics.requests, p), (self.topics.replies, p)})
+            with contextlib.suppress(TransportError):  # taking it over again rewinds too
+                await consumer.seek_to_committed(inputs)
 
     async def _stage(
         self, part: OwnedPartition, records: list[Record], now: float, consumer: Consumer
     ) -> Batch | None:
         """The partition's transaction for ``records`` and its timers (``None``: the partition
         was dropped, its sagas could not be reloaded)."""
-        p = part.number
         requests = self.topics.requests
         evicted = {
             key
@@ -479,10 +538,8 @@ class Coordinator(CoordinatorFacade):
             try:
                 await part.reload(self.transport, evicted)
             except TransportError as exc:
-                log.warning("partition %d: could not reload sagas (%s); retrying", p, exc)
-                await self._drop(p)
-                await consumer.seek_to_committed(partitions_of(records))
-                self._lost.add(p)
+                log.warning("partition %d: could not reload sagas (%s); retrying", part.number, exc)
+                await self._lose(part.number, consumer)
                 return None
         return part.stage(records, now, self.catalog)
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+import orjson
+
 from saga.core.codec import Limits, decode, encode
 from saga.core.decide import Decision, Input, Tick, decide, deny, give_up, input_kind, next_due
 from saga.core.definition import SagaDefinition
@@ -41,7 +43,6 @@ from saga.core.messages import (
     Reply,
     Request,
     SignalSaga,
-    Snapshot,
     StartSaga,
     reply_adapter,
     request_adapter,
@@ -64,7 +65,7 @@ from saga.runtime.ports import (
 )
 from saga.runtime.retention import Retained, Retention
 
-__all__ = ["Batch", "OwnedPartition"]
+__all__ = ["Batch", "OwnedPartition", "snapshot_value"]
 
 log = logging.getLogger("saga.coordinator")
 
@@ -448,8 +449,7 @@ class OwnedPartition:
         for reply in decision.replies:
             out = Outgoing(t.replies, reply.saga_id.encode(), encode(reply))
             records.append(self.gate.sign(out))
-        snap = Snapshot(saga_id=state.saga_id, state=state.model_dump(mode="json"))
-        snapshot = Outgoing(t.snapshots, key, encode(snap), partition=n)
+        snapshot = Outgoing(t.snapshots, key, snapshot_value(state), partition=n)
         for r in (*records, snapshot):
             if (size := _size(r)) > self.max_record_bytes:
                 return f"a record for {r.topic} would be {size} bytes, over {self.max_record_bytes}"
@@ -493,6 +493,17 @@ class OwnedPartition:
         dead.log()
         batch.dead.append(dead)
         batch.records.append(dead.outgoing(self.topics.dlq))
+
+
+_SNAPSHOT_HEAD = b'{"v":1,"type":"snapshot","saga_id":'
+
+
+def snapshot_value(state: SagaState) -> bytes:
+    """The record value of the saga's `Snapshot`: the bytes ``encode(Snapshot(saga_id=...,
+    state=state.model_dump(mode="json")))`` gives, serialised once instead of dumped to data,
+    validated again and serialised (a third of the cost, on every transaction's hot path)."""
+    body = state.__pydantic_serializer__.to_json(state)
+    return b"".join((_SNAPSHOT_HEAD, orjson.dumps(state.saga_id), b',"state":', body, b"}"))
 
 
 def _step_of(message: Request, definition: SagaDefinition | None) -> str | None:

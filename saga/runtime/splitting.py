@@ -52,11 +52,18 @@ class Trouble:
             self.failures = 0
 
     def passed(self, committed: Mapping[TopicPartition, int]) -> bool:
-        """A transaction committed these next offsets; whether the trouble is over."""
-        self.failures = 0
+        """A transaction committed these next offsets; whether the trouble is over.
+
+        Only a commit that moves on through the inputs of the failed batch resets the count of
+        failures at the current size: a partition's transactions may hold only other inputs
+        (replies that arrived after the requests in trouble), and their success says nothing
+        about the input at fault.
+        """
         for tp, offset in committed.items():
-            if offset >= self._until.get(tp, 0):
-                self._until.pop(tp, None)
+            if tp in self._until:
+                self.failures = 0
+                if offset >= self._until[tp]:
+                    del self._until[tp]
         return not self._until
 
 
