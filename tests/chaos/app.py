@@ -22,8 +22,9 @@ of the engine:
 What a step does is planned in the saga input, so every process agrees on it: ``input["plan"]
 [step]`` may hold ``business`` (the action fails for good), ``tech`` / ``comp_tech`` (the first
 n runs fail technically), ``crash`` / ``comp_crash`` (``os._exit`` right after the effect is
-committed, before the reply, once per key), ``sleep`` / ``comp_sleep`` (seconds), and
-``broken`` / ``comp_broken`` (fails technically until the step is in ``fixed``).
+committed, before the reply, once per key), ``sleep`` / ``comp_sleep`` (seconds), ``hold`` /
+``comp_hold`` (runs until the step is in ``fixed``, at most that many seconds), and ``broken`` /
+``comp_broken`` (fails technically until the step is in ``fixed``).
 """
 
 from __future__ import annotations
@@ -387,6 +388,12 @@ def _run(service: str, payload: dict[str, Any], ctx: StepContext) -> dict[str, A
     runs = ledger.count_execution(ctx)
     if plan.get(pre + "sleep"):
         time.sleep(float(plan[pre + "sleep"]))
+    if plan.get(pre + "hold"):
+        # Runs until the test releases it (`Ledger.fix`), at most `hold` seconds: a test that
+        # must act while the step runs does not race the handler's clock.
+        until = time.monotonic() + float(plan[pre + "hold"])
+        while time.monotonic() < until and not ledger.is_fixed(ctx.saga_id, ctx.step, ctx.phase):
+            time.sleep(0.05)
     if plan.get(pre + "broken") and not ledger.is_fixed(ctx.saga_id, ctx.step, ctx.phase):
         raise RuntimeError(f"{ctx.step} {ctx.phase} is broken until an operator fixes it")
     if runs <= int(plan.get(pre + "tech", 0)):

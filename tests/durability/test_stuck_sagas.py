@@ -45,6 +45,16 @@ async def _saga_cli(command: str, saga_id: str, prefix: str, bootstrap: str) -> 
     return out
 
 
+async def _until_compensating(coordinator: Coordinator, saga_id: str) -> None:
+    """Waits until the cancel is recorded (the saga compensates once its step replies)."""
+    for _ in range(600):
+        state = await coordinator.status(saga_id)
+        if state is not None and state.status is SagaStatus.COMPENSATING:
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError(f"saga {saga_id} was not compensating 30 s after `saga cancel`")
+
+
 @pytest.mark.anyio
 async def test_stuck_sagas_alert_and_operators_finish_them_from_the_cli(
     bootstrap: str,
@@ -77,10 +87,13 @@ async def test_stuck_sagas_alert_and_operators_finish_them_from_the_cli(
             "resolve forward": await coordinator.start("fragile", {"plan": broken}),
             "retry backward": await coordinator.start("fragile", {"plan": undo_broken}),
             "resolve backward": await coordinator.start("fragile", {"plan": undo_broken}),
-            "cancel": await coordinator.start("fragile", {"plan": {"f1": {"sleep": 6}}}),
+            "cancel": await coordinator.start("fragile", {"plan": {"f1": {"hold": 9}}}),
         }
-        # Cancelled while its first step runs (the handler takes 6 s), before the pivot.
+        # Cancelled while its first step runs, before the pivot: the handler holds until the
+        # cancel is recorded (within the step's 10 s timeout), however slow the CLI starts.
         cancel_out = await _saga_cli("cancel", ids["cancel"], prefix, bootstrap)
+        await _until_compensating(coordinator, ids["cancel"])
+        ledger.fix(ids["cancel"], "f1")
         with anyio.fail_after(60):
             await stuck_now.wait()
         # A stuck saga is final too: each is waited for past the seq it has before the CLI
