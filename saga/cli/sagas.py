@@ -1,9 +1,18 @@
-"""``saga start``, ``saga status`` and ``saga list``: start sagas and read their states."""
+"""``saga start``, ``saga status`` and ``saga list``: start sagas and read their states (and
+``saga index``, from `saga.cli.index`).
+
+``status`` and ``list`` answer from the saga index (`saga.index`) when one is fresh: the file
+``--index`` or ``$SAGA_INDEX`` names (or ``./saga-index.sqlite3`` if it exists), kept up to date
+by a running projector (`saga.cli.index.open_fresh`). Otherwise they scan the snapshots topic,
+as without an index. When an index was asked for, a line on standard error says which source
+answered, and why the index did not.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -12,11 +21,14 @@ from rich.text import Text
 
 from saga.cli import render
 from saga.cli.common import CliError, client, out, show_final, wait_final
-from saga.core.state import SagaState, SagaStatus
+from saga.cli.index import Fresh, open_fresh
+from saga.core.state import SagaState, SagaStatus, StepStatus
+from saga.errors import SagaExists
+from saga.index.port import SagaIndex, SagaQuery
+from saga.index.query import MAX_LIMIT, matches
 
 if TYPE_CHECKING:
     from saga.runtime.client import SagaClient
-from saga.errors import SagaExists
 
 __all__ = ["add_commands"]
 
@@ -39,11 +51,52 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("status", parents=[common], help="show a saga's state")
     p.add_argument("saga_id")
+    _index_options(p)
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("list", parents=[common], help="list sagas")
-    p.add_argument("--status", choices=[s.value for s in SagaStatus])
+    p.add_argument("--status", choices=[s.value for s in SagaStatus], action="append")
+    p.add_argument("--name", help="only sagas of this definition")
+    p.add_argument("--version", type=int, help="only sagas of this definition version")
+    p.add_argument("--step", help="only sagas with this step (with --step-status: in it)")
+    p.add_argument("--step-status", choices=[s.value for s in StepStatus])
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="only sagas whose input's top-level KEY equals the JSON value (a bare word is a "
+        "string): --input customer=c-7 --input total=12",
+    )
+    p.add_argument(
+        "--limit", type=int, metavar="N", help="only the N most recently updated (default: all)"
+    )
+    _index_options(p)
     p.set_defaults(handler=_list)
+
+    # `saga index` belongs with list and status, which read the index it keeps.
+
+
+def _index_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--index",
+        metavar="PATH",
+        help="answer from this saga index when it is fresh (default: $SAGA_INDEX, else "
+        "./saga-index.sqlite3 if it exists)",
+    )
+    p.add_argument(
+        "--no-index", action="store_true", help="scan the snapshots topic, even with an index"
+    )
+
+
+def _fresh(args: argparse.Namespace) -> Fresh:
+    return open_fresh(args.index, args.prefix, disabled=args.no_index)
+
+
+def _say(note: str | None) -> None:
+    if note is not None:
+        print(f"saga: {note}", file=sys.stderr)
 
 
 async def _start(args: argparse.Namespace) -> int:
@@ -85,13 +138,29 @@ async def _start(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with client(args) as c:
-        state = await c.status(args.saga_id)
-        if state is None:
-            raise CliError(
-                f"no saga {args.saga_id!r} under prefix {args.prefix!r}: check the id and --prefix"
-            )
-        tree = await _children(c, state)
+    fresh = _fresh(args)
+    state, tree = None, []
+    if fresh.index is not None:
+        with fresh.index as index:
+            row = index.get(args.saga_id)
+            if row is not None:
+                state = row.state
+                tree = _children(_lookup(index), state)
+    if state is not None:
+        _say(fresh.note)
+    else:
+        if fresh.index is not None:
+            _say(f"saga {args.saga_id!r} is not in the index (yet?); scanned the snapshots topic")
+        else:
+            _say(fresh.note)
+        async with client(args) as c:
+            state = await c.status(args.saga_id)
+            if state is None:
+                raise CliError(
+                    f"no saga {args.saga_id!r} under prefix {args.prefix!r}: check the id and "
+                    "--prefix"
+                )
+            tree = await _children_of(c, state)
     from saga.views.jaeger import trace_url
 
     link = trace_url(state.saga_id)
@@ -108,7 +177,30 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _children(
+def _lookup(index: SagaIndex) -> Callable[[str], SagaState | None]:
+    def state_of(saga_id: str) -> SagaState | None:
+        row = index.get(saga_id)
+        return None if row is None else row.state
+
+    return state_of
+
+
+def _children(
+    status: Callable[[str], SagaState | None], state: SagaState, depth: int = 1, limit: int = 100
+) -> list[tuple[int, SagaState]]:
+    """The sub-sagas of ``state``'s steps, depth first, from the index."""
+    found: list[tuple[int, SagaState]] = []
+    for step in state.steps.values():
+        if step.child is None or len(found) >= limit:
+            continue
+        child = status(step.child)
+        if child is not None:
+            found.append((depth, child))
+            found += _children(status, child, depth + 1, limit - len(found))
+    return found
+
+
+async def _children_of(
     c: SagaClient, state: SagaState, depth: int = 1, limit: int = 100
 ) -> list[tuple[int, SagaState]]:
     """The sub-sagas of ``state``'s steps, depth first (``limit`` at most, in case of a very
@@ -120,13 +212,23 @@ async def _children(
         child = await c.status(step.child)
         if child is not None:
             found.append((depth, child))
-            found += await _children(c, child, depth + 1, limit - len(found))
+            found += await _children_of(c, child, depth + 1, limit - len(found))
     return found
 
 
 async def _list(args: argparse.Namespace) -> int:
-    async with client(args) as c:
-        states = [s async for s in c.states() if not args.status or s.status == args.status]
+    query = _query(args)
+    fresh = _fresh(args)
+    _say(fresh.note)
+    if fresh.index is not None:
+        with fresh.index as index:
+            states = _all_pages(index, query, args.limit)
+    else:
+        async with client(args) as c:
+            states = [s async for s in c.states() if matches(query, s)]
+        if args.limit is not None:
+            states = sorted(states, key=lambda s: (s.updated_at, s.saga_id), reverse=True)
+            states = states[: args.limit]
     states.sort(key=lambda s: s.started_at)
     out(
         args,
@@ -135,3 +237,38 @@ async def _list(args: argparse.Namespace) -> int:
         render.table_view(states),
     )
     return 0
+
+
+def _query(args: argparse.Namespace) -> SagaQuery:
+    inputs: dict[str, Any] = {}
+    for item in args.inputs:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--input {item!r}: expected KEY=JSON, like customer=c-7 or total=12")
+        try:
+            inputs[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            inputs[key] = raw  # a bare word: the string itself
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be 1 or more")
+    return SagaQuery(
+        name=args.name,
+        status=tuple(args.status or ()),
+        version=args.version,
+        step=args.step,
+        step_status=args.step_status,
+        input=inputs,
+    )
+
+
+def _all_pages(index: SagaIndex, query: SagaQuery, limit: int | None) -> list[SagaState]:
+    """The states of every page of ``query`` (of the first ``limit``, if given)."""
+    found: list[SagaState] = []
+    cursor = None
+    while True:
+        want = MAX_LIMIT if limit is None else min(MAX_LIMIT, limit - len(found))
+        page = index.query(SagaQuery(**{**query.__dict__, "limit": want, "cursor": cursor}))
+        found += [r.state for r in page.rows]
+        cursor = page.next_cursor
+        if cursor is None or (limit is not None and len(found) >= limit):
+            return found
