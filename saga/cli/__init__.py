@@ -6,8 +6,9 @@ says what to do, with exit status 1 (2 for a usage error).
 
 The commands live by family: `saga.cli.serve` (coordinator, participant), `saga.cli.sagas`
 (start, status, list), `saga.cli.operate` (cancel, retry, resolve), `saga.cli.inspect`
-(replay, watch, timeline, rebuild, graph, trace), `saga.cli.keys` (keys, policy);
-`saga.cli.common` holds what they share.
+(replay, watch, timeline, rebuild, graph, trace), `saga.cli.keys` (keys, policy),
+`saga.cli.deploy` (deploy, definitions, verify), `saga.cli.index` (index rebuild, status,
+serve), `saga.cli.contract` (contract); `saga.cli.common` holds what they share.
 Each adds its subcommands with a ``handler``; this module parses and dispatches.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from saga.cli import deploy, inspect, keys, operate, sagas, serve
+from saga.cli import contract, deploy, index, inspect, keys, operate, sagas, serve
 from saga.cli.common import CliError, Handler, common_options, load_app
 from saga.errors import (
     ConfigurationError,
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(prog="saga", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (serve, sagas, operate, inspect, keys, deploy):
+    for family in (serve, sagas, index, operate, inspect, keys, deploy, contract):
         family.add_commands(sub, common)
     return parser
 
