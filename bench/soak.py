@@ -183,7 +183,7 @@ async def create_topics(bootstrap: str, prefix: str, args: argparse.Namespace) -
 
     t = Topics(prefix)
     plain = [t.requests, t.replies, t.log, t.dlq, t.alerts]
-    plain += [t.commands(s) for s in sorted({step.service for step in DEFINITION.steps})]
+    plain += [t.commands(s) for s in sorted(DEFINITION.services)]
     topics = [NewTopic(n, args.partitions, 1) for n in plain]
     config = snapshot_topic_config(args)
     topics.append(NewTopic(t.snapshots, args.partitions, 1, topic_configs=config))

@@ -47,10 +47,12 @@ from deploy._proc import (
 from deploy._server import LocalServer, ServerCli, UpOption, launch
 
 __all__ = [
+    "BENCH_JVM_OPTIONS",
     "JVM_OPTIONS",
     "KAFKA_VERSION",
     "KafkaServer",
     "fetch",
+    "jvm_options",
     "kafka_home",
     "main",
     "start_kafka",
@@ -148,9 +150,28 @@ def fetch() -> Path:
         return libs
 
 
+BENCH_JVM_OPTIONS = (
+    "-Xms1g",
+    "-Xmx1g",
+    "-XX:+UseParallelGC",
+    "-XX:ParallelGCThreads=1",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+)
+"""For benchmarks (`SAGA_KAFKA_JVM_OPTIONS`): the full JIT (C2) and a larger heap, as a broker
+that runs for a while would be configured; start-up costs more CPU."""
+
+
+def jvm_options() -> tuple[str, ...]:
+    """The broker JVM's options: `SAGA_KAFKA_JVM_OPTIONS` (space-separated) when set, else
+    `JVM_OPTIONS`."""
+    given = os.environ.get("SAGA_KAFKA_JVM_OPTIONS", "").split()
+    return tuple(given) if given else JVM_OPTIONS
+
+
 def _java_argv(java: str, libs: Path, log4j: Path, main: str, *args: str) -> list[str]:
     return [
-        java, *JVM_OPTIONS, f"-Dlog4j.configuration=file:{log4j}",
+        java, *jvm_options(), f"-Dlog4j.configuration=file:{log4j}",
         "-cp", f"{libs}/*", main, *args,
     ]  # fmt: skip
 
