@@ -46,8 +46,10 @@ change nothing but ``seq`` and ``updated_at``, a finished saga's finish time inc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Set
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -242,10 +244,117 @@ STEP_EVENTS_NEED = {
 """Step events that are legal only while the saga has one particular status."""
 
 
+# -- memory ------------------------------------------------------------------------------------
+# A coordinator holds every saga in flight, and a pydantic model's share of that is mostly
+# bookkeeping: each instance has its own set of the fields given when it was made, as large as
+# its dict of values. States are immutable, so instances with the same set can share one, and
+# the few strings every saga repeats (step and saga names, digests) can be shared the same way.
+# Both tables are bounded: past their size, values are simply not shared.
+
+_MAX_SHARED = 4096
+_FIELDS_SETS: dict[frozenset[str], set[str]] = {}
+_SHARED_IDS: dict[int, set[str]] = {}
+"""The shared sets by id (each entry holds its set, so no other object can have its id)."""
+_NAMES: dict[str, str] = {}
+
+
+def _fields_set(names: Set[str]) -> set[str]:
+    """A set equal to ``names``, shared by every model made with those fields."""
+    key = frozenset(names)
+    found = _FIELDS_SETS.get(key)
+    if found is None:
+        found = set(key)
+        if len(_FIELDS_SETS) < _MAX_SHARED:
+            _FIELDS_SETS[key] = _SHARED_IDS[id(found)] = found
+    return found
+
+
+def _name(text: str) -> str:
+    """``text``, as the one shared copy of a step name, saga name or digest."""
+    found = _NAMES.get(text)
+    if found is None:
+        if len(_NAMES) >= _MAX_SHARED:
+            return text
+        found = _NAMES[text] = text
+    return found
+
+
+def _names(texts: Iterable[str]) -> list[str]:
+    return [_name(t) for t in texts]
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_set = object.__setattr__
+
+
+def _replace(model: _M, changes: dict[str, Any]) -> _M:
+    """``model.model_copy(update=changes)`` for the frozen state models (no extra fields, no
+    private attributes), without the generic copy's deep bookkeeping: the same values, the same
+    fields set, nothing validated (the changes come from validated events)."""
+    new = object.__new__(type(model))
+    values = model.__dict__.copy()
+    values.update(changes)
+    _set(new, "__dict__", values)
+    _set_fields(new, _union(model.__pydantic_fields_set__, changes))
+    _set_extra(new, None)
+    _set_private(new, None)
+    return new
+
+
+_DEFAULTS: dict[type[BaseModel], list[tuple[str, Callable[..., Any] | None, Any]]] = {}
+"""Per model class, each field's name, default factory (these take no data) and default."""
+
+
+def _build(cls: type[_M], **given: Any) -> _M:
+    """``cls(**given)`` for the frozen state models, from values that are already valid (of
+    validated events): the same instance, defaults and all, without validating them again."""
+    defaults = _DEFAULTS.get(cls)
+    if defaults is None:
+        defaults = _DEFAULTS[cls] = [
+            (name, field.default_factory, field.default) for name, field in cls.model_fields.items()
+        ]
+    values = {
+        name: given[name] if name in given else factory() if factory is not None else default
+        for name, factory, default in defaults
+    }
+    new = object.__new__(cls)
+    _set(new, "__dict__", values)
+    _set_fields(new, _fields_set(given.keys()))
+    _set_extra(new, None)
+    _set_private(new, None)
+    new.model_post_init(None)
+    return new
+
+
+_set_fields = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+_UNIONS: dict[tuple[int, tuple[str, ...]], tuple[set[str], set[str]]] = {}
+
+
+def _union(fields: set[str], changes: dict[str, Any]) -> set[str]:
+    """The shared fields set of a copy of a model with ``fields`` changed by ``changes``."""
+    if changes.keys() <= fields:
+        return fields  # the same set, shared (never changed)
+    key = (id(fields), tuple(changes))
+    hit = _UNIONS.get(key)
+    # An entry holds its set, so no other set can have its id while the entry stands.
+    if hit is not None and hit[0] is fields:
+        return hit[1]
+    found = _fields_set(fields | changes.keys())
+    if len(_UNIONS) < _MAX_SHARED:
+        _UNIONS[key] = (fields, found)
+    return found
+
+
 class StepState(BaseModel):
     """One step's progress, as folded from the log."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Shares the fields set (see `_fields_set`)."""
+        _set(self, "__pydantic_fields_set__", _fields_set(self.__pydantic_fields_set__))
 
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
@@ -312,6 +421,17 @@ class SagaState(BaseModel):
     resolve; at most `REMEMBERED_REQUESTS`), so that the same request delivered or replayed
     again changes nothing."""
 
+    def model_post_init(self, context: Any, /) -> None:
+        """Shares what sagas have in common (see `_fields_set`): the fields set, the names, and
+        the steps that have not started, whose value is the same in every saga."""
+        _set(self, "__pydantic_fields_set__", _fields_set(self.__pydantic_fields_set__))
+        values = self.__dict__
+        values["name"] = _name(self.name)
+        if self.digest is not None:
+            values["digest"] = _name(self.digest)
+        # Validation made this dict: it is still this instance's own to change.
+        values["steps"] = {_name(k): _shared_step(v) for k, v in self.steps.items()}
+
     @property
     def is_final(self) -> bool:
         """Whether the saga has ended (``stuck`` waits for an operator)."""
@@ -337,6 +457,18 @@ class SagaState(BaseModel):
 
 
 _PENDING = StepState()
+_SHARED_PENDING: dict[int, StepState] = {}
+
+
+def _shared_step(step: StepState) -> StepState:
+    """``step``, or if it has not started, the one shared instance of its value (by fields
+    set, which is kept: the ids are of shared sets, which live as long as the table)."""
+    if step is _PENDING or step.__dict__ != _PENDING.__dict__:
+        return step
+    fields = step.__pydantic_fields_set__
+    if _SHARED_IDS.get(id(fields)) is not fields:
+        return step  # an unshared set: its id could be reused
+    return _SHARED_PENDING.setdefault(id(fields), step)
 
 
 def evolve(state: SagaState | None, event: EventBase) -> SagaState:
@@ -346,7 +478,9 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
         IllegalTransition: The event does not follow the state (wrong saga, a gap or duplicate
             in ``seq``, or no edge in the transition tables). The given state is unchanged.
     """
-    if isinstance(event, SagaStarted | SagaRejected):
+    kind = _KINDS.get(type(event)) or _kind_of(type(event))
+    base = kind.base
+    if kind.begins and isinstance(event, SagaStarted | SagaRejected):
         return _begin(state, event)
     if state is None:
         raise IllegalTransition(f"{event.type} for saga {event.saga_id!r}, which has not started")
@@ -357,26 +491,67 @@ def evolve(state: SagaState | None, event: EventBase) -> SagaState:
             f"saga {state.saga_id!r}: event seq {event.seq} does not follow {state.seq}"
         )
     changes: dict[str, Any] = {"seq": event.seq, "updated_at": event.at}
-    if isinstance(event, _REQUEST_EVENTS) and event.message_id is not None:
+    # Each isinstance below is tried only where the event's kind says it holds: a pydantic
+    # model's isinstance that fails goes through the ABC machinery, and costs as much as a fold.
+    if kind.request and isinstance(event, _REQUEST_EVENTS) and event.message_id is not None:
         changes["requests"] = (*state.requests, event.message_id)[-REMEMBERED_REQUESTS:]
-    if isinstance(event, SignalReceived):
+    if base is SignalReceived and isinstance(event, SignalReceived):
         changes["signals"] = {**state.signals, event.name: event.data}
-    elif isinstance(event, StepSucceeded) and event.signal is not None:
+    elif base is StepSucceeded and isinstance(event, StepSucceeded) and event.signal is not None:
         changes["signals"] = {k: v for k, v in state.signals.items() if k != event.signal}
-    elif isinstance(event, SagaDeadlinePassed):
+    elif base is SagaDeadlinePassed:
         changes["deadline_at"] = None
-    elif isinstance(event, SagaCompensationAsked):
+    elif base is SagaCompensationAsked and isinstance(event, SagaCompensationAsked):
         changes["undo_for"] = event.attempt
-    if isinstance(event, StepEvent) and type(event) in _STEP_EVENT_TYPES:
-        changes["steps"] = {**state.steps, event.step: _evolve_step(state, event)}
-        if isinstance(event, StepExpanded):
+    if kind.step and isinstance(event, StepEvent):
+        changes["steps"] = {**state.steps, event.step: _evolve_step(state, event, base)}
+        if base is StepExpanded and isinstance(event, StepExpanded):
             items = {item_name(event.step, i): _PENDING for i in range(event.count)}
             changes["steps"] |= items
-    changes.update(_evolve_saga(state, event))
-    return state.model_copy(update=changes)
+    if kind.saga:
+        changes.update(_evolve_saga(state, event, base))
+    return _replace(state, changes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What `evolve` needs to know of an event class, found once per class."""
+
+    base: type[EventBase]
+    """The event class it is, or derives from."""
+    begins: bool
+    """A `SagaStarted` or `SagaRejected`."""
+    request: bool
+    """One of `_REQUEST_EVENTS`."""
+    step: bool
+    """A step event with edges in `STEP_TRANSITIONS`."""
+    saga: bool
+    """An event with edges in `SAGA_TRANSITIONS`."""
+
+
+_KINDS: dict[type[EventBase], _Kind] = {}
+
+
+def _kind_of(cls: type[EventBase]) -> _Kind:
+    base = next((c for c in _EVENT_CLASSES if issubclass(cls, c)), cls)
+    found = _Kind(
+        base=base,
+        begins=issubclass(cls, SagaStarted | SagaRejected),
+        request=issubclass(cls, _REQUEST_EVENTS),
+        step=issubclass(cls, StepEvent) and cls in _STEP_EVENT_TYPES,
+        saga=cls in _SAGA_EVENT_TYPES,
+    )
+    _KINDS[cls] = found  # one entry per event class
+    return found
 
 
 _STEP_EVENT_TYPES = frozenset(t for (t, _) in STEP_TRANSITIONS)
+_EVENT_CLASSES: tuple[type[EventBase], ...] = (
+    *{t for (t, _) in STEP_TRANSITIONS},
+    *{t for (t, _) in SAGA_TRANSITIONS},
+)
+"""The event classes `evolve` tells apart (none derives from another; the transition tables
+name every one of them)."""
 _REQUEST_EVENTS = (
     SagaCompensationAsked,
     SagaAborted,
@@ -417,7 +592,10 @@ def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaSt
             )
     status = SAGA_TRANSITIONS[(kind, state.status if state is not None else None)]
     if isinstance(event, SagaStarted):
-        return SagaState(
+        # Every value is of a validated event, or made here: validating them again would be
+        # the most expensive part of a rebuild's first event of each saga.
+        return _build(
+            SagaState,
             saga_id=event.saga_id,
             name=event.name,
             version=event.version,
@@ -450,7 +628,7 @@ def _begin(state: SagaState | None, event: SagaStarted | SagaRejected) -> SagaSt
     )
 
 
-def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
+def _evolve_step(state: SagaState, event: StepEvent, base: type[EventBase]) -> StepState:
     kind, name = type(event), event.step
     needed = STEP_EVENTS_NEED.get(kind)
     if needed is not None and state.status is not needed:
@@ -471,7 +649,7 @@ def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
         )
     at = event.at
     u: dict[str, Any] = {"status": target}
-    if isinstance(event, StepStarted):
+    if base is StepStarted and isinstance(event, StepStarted):
         u |= {"attempt": event.attempt, "deadline_at": event.deadline_at, "retry_at": None}
         u["wake_at"] = event.wake_at
         if event.child is not None:
@@ -480,49 +658,49 @@ def _evolve_step(state: SagaState, event: StepEvent) -> StepState:
             u["started_at"] = at
         if step.status is StepStatus.STUCK:
             u |= {"budget_from": event.attempt - 1, "stuck_phase": None}
-    elif isinstance(event, StepSucceeded):
+    elif base is StepSucceeded and isinstance(event, StepSucceeded):
         u |= {"output": event.output, "deadline_at": None, "finished_at": at, "error": None}
         u["wake_at"] = None
-    elif isinstance(event, StepScheduled):
+    elif base is StepScheduled and isinstance(event, StepScheduled):
         u |= {"wake_at": event.due_at}
-    elif isinstance(event, StepExpanded):
+    elif base is StepExpanded and isinstance(event, StepExpanded):
         u |= {"wake_at": None, "started_at": at}
-    elif isinstance(event, StepSkipped):
+    elif base is StepSkipped and isinstance(event, StepSkipped):
         u |= {"wake_at": None, "finished_at": at}
-    elif isinstance(event, ApprovalReminded):
+    elif base is ApprovalReminded and isinstance(event, ApprovalReminded):
         u |= {"wake_at": event.next_at, "reminders": step.reminders + 1}
-    elif isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
+    elif base in _RETRIES and isinstance(event, StepRetryScheduled | CompensationRetryScheduled):
         u |= {"error": event.error, "deadline_at": None, "retry_at": event.retry_at}
-        if isinstance(event, StepRetryScheduled) and event.error.type == "Timeout":
+        if base is StepRetryScheduled and event.error.type == "Timeout":
             u["uncertain"] = True
-    elif isinstance(event, StepFailedEvent):
+    elif base is StepFailedEvent and isinstance(event, StepFailedEvent):
         u |= {"error": event.error, "deadline_at": None, "retry_at": None, "finished_at": at}
         u["wake_at"] = None
-    elif isinstance(event, StepTimedOut):
+    elif base is StepTimedOut and isinstance(event, StepTimedOut):
         u |= {
             "error": ErrorInfo(type="Timeout", message="outcome unknown: no reply by the deadline"),
             "deadline_at": None,
             "retry_at": None,
             "finished_at": at,
         }
-    elif isinstance(event, StepStuck):
+    elif base is StepStuck and isinstance(event, StepStuck):
         u |= {"error": event.error, "deadline_at": None, "retry_at": None}
         u["stuck_phase"] = event.phase
-    elif isinstance(event, CompensationStarted):
+    elif base is CompensationStarted and isinstance(event, CompensationStarted):
         u |= {"compensation_attempt": event.attempt, "deadline_at": event.deadline_at}
         u["retry_at"] = None
         if step.status is StepStatus.STUCK:
             u |= {"budget_from": event.attempt - 1, "stuck_phase": None}
         elif step.status is not StepStatus.COMPENSATION_RETRYING:
             u["budget_from"] = 0  # the compensation's own budget starts now
-    elif isinstance(event, CompensationSucceeded | CompensationResolved):
+    elif base is CompensationSucceeded or base is CompensationResolved:
         u |= {"deadline_at": None, "compensated_at": at, "stuck_phase": None}
-    elif isinstance(event, StepResolved):
+    elif base is StepResolved and isinstance(event, StepResolved):
         u |= {"output": step.output or {}, "finished_at": at, "stuck_phase": None}
-    return step.model_copy(update=u)
+    return _replace(step, u)
 
 
-def _evolve_saga(state: SagaState, event: EventBase) -> dict[str, Any]:
+def _evolve_saga(state: SagaState, event: EventBase, base: type[EventBase]) -> dict[str, Any]:
     kind = type(event)
     if kind not in _SAGA_EVENT_TYPES:
         return {}  # step events leave the saga's status as it is
@@ -534,13 +712,13 @@ def _evolve_saga(state: SagaState, event: EventBase) -> dict[str, Any]:
         )
     if kind in RECORD_ONLY:
         return {}  # a self-loop: the status, and the finish time, stay as they are
-    if isinstance(event, SagaResumed):
+    if base is SagaResumed and isinstance(event, SagaResumed):
         target = SagaStatus.COMPENSATING if event.compensating else SagaStatus.RUNNING
         return {"status": target, "finished_at": None}
     changes: dict[str, Any] = {"status": target}
-    if isinstance(event, SagaAborted | SagaStuck):
+    if (base is SagaAborted or base is SagaStuck) and isinstance(event, SagaAborted | SagaStuck):
         changes["reason"] = event.reason
-    if isinstance(event, SagaAborted):
+    if base is SagaAborted:
         changes["finished_at"] = None  # a completed sub-saga compensated by its parent
     if target in FINAL_STATUSES:
         changes["finished_at"] = event.at
@@ -548,3 +726,4 @@ def _evolve_saga(state: SagaState, event: EventBase) -> dict[str, Any]:
 
 
 _SAGA_EVENT_TYPES = frozenset(t for (t, _) in SAGA_TRANSITIONS)
+_RETRIES = frozenset({StepRetryScheduled, CompensationRetryScheduled})

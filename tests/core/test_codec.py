@@ -107,3 +107,14 @@ def test_depth_limit_is_exact() -> None:
     decode(request_adapter, nested(30), limits)  # the message, its input, and 30 lists: 32
     with pytest.raises(DecodeError):
         decode(request_adapter, nested(31), limits)
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    # More brackets than the depth limit, all in strings: the message is only 2 levels deep.
+    data = with_field(input={"text": "[[[[{{{{" * 10})
+    assert decode(request_adapter, data, Limits(max_bytes=10_000, max_depth=2)).input == {
+        "text": "[[[[{{{{" * 10
+    }
+    with pytest.raises(DecodeError) as info:
+        decode(request_adapter, data, Limits(max_bytes=10_000, max_depth=1))
+    assert info.value.reason == "too_deep"

@@ -681,3 +681,97 @@ def test_an_event_for_an_unknown_step_raises() -> None:
 
 def test_step_state_defaults() -> None:
     assert StepState() == StepState(status=StepStatus.PENDING, attempt=0)
+
+
+def _two_sagas() -> tuple[SagaState, SagaState]:
+    states = []
+    for saga_id in ("one", "two"):
+        events: list[EventBase] = [
+            SagaStarted(
+                saga_id=saga_id,
+                seq=1,
+                at=1.0,
+                name="n",
+                version=1,
+                input={},
+                steps=[
+                    "a",
+                    "b",
+                ],
+            ),
+            StepStarted(saga_id=saga_id, seq=2, at=2.0, step="a", attempt=1, deadline_at=9.0),
+            StepSucceeded(saga_id=saga_id, seq=3, at=3.0, step="a", attempt=1, output={"x": 1}),
+        ]
+        state = fold(events)
+        assert state is not None
+        states.append(state)
+    return states[0], states[1]
+
+
+def test_states_share_what_they_have_in_common_and_stay_as_they_were() -> None:
+    one, two = _two_sagas()
+    # The bookkeeping of equal shapes is one object, and so are the steps not started.
+    assert one.model_fields_set is two.model_fields_set
+    assert one.steps["a"].model_fields_set is two.steps["a"].model_fields_set
+    assert one.steps["b"] is two.steps["b"]
+    assert one.model_fields_set == set(SagaState.model_fields) - {
+        "finished_at",
+        "reason",
+        "undo_for",
+        "requests",
+    }
+    assert one.steps["a"].model_fields_set == {
+        "status",
+        "attempt",
+        "deadline_at",
+        "retry_at",
+        "wake_at",
+        "started_at",
+        "output",
+        "finished_at",
+        "error",
+    }
+    before = one.model_dump()
+    later = evolve(
+        two, StepStarted(saga_id="two", seq=4, at=4.0, step="b", attempt=1, deadline_at=9)
+    )
+    assert later.steps["b"].status is StepStatus.RUNNING
+    assert one.model_dump() == before  # nothing shared was changed
+    assert two.steps["b"] == StepState()
+
+
+def test_a_state_read_back_from_its_snapshot_is_equal_and_shares_alike() -> None:
+    one, two = _two_sagas()
+    again = SagaState.model_validate(one.model_dump(mode="json"))
+    other = SagaState.model_validate(two.model_dump(mode="json"))
+    assert again == one
+    assert again.model_dump() == one.model_dump()
+    assert again.model_fields_set is other.model_fields_set
+    assert again.steps["b"] is other.steps["b"]  # one shared step not started
+    assert again.steps["b"] == StepState()
+    assert next(iter(again.steps)) is next(iter(other.steps))  # one shared step name
+    assert SagaState.model_validate_json(one.model_dump_json()) == one
+
+
+def test_evolve_copies_like_model_copy() -> None:
+    one, _ = _two_sagas()
+    event = StepStarted(saga_id="one", seq=4, at=4.0, step="b", attempt=1, deadline_at=9.0)
+    state = evolve(one, event)
+    step = StepState().model_copy(
+        update={
+            "status": StepStatus.RUNNING,
+            "attempt": 1,
+            "deadline_at": 9.0,
+            "retry_at": None,
+            "wake_at": None,
+            "started_at": 4.0,
+        }
+    )
+    expected = one.model_copy(
+        update={"seq": 4, "updated_at": 4.0, "steps": {**one.steps, "b": step}}
+    )
+    assert state == expected
+    assert state.model_dump() == expected.model_dump()
+    assert state.model_dump_json() == expected.model_dump_json()
+    assert state.model_fields_set == expected.model_fields_set
+    assert state.steps["b"].model_fields_set == step.model_fields_set
