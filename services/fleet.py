@@ -205,6 +205,9 @@ class Fleet:
             env["SAGA_UNSIGNED"] = "1"
         else:
             env.update(self.secure.env(COORDINATOR_PRINCIPAL if name == COORDINATOR else name))
+        # Static membership: a process restarted under its name takes its partitions back at
+        # once instead of after the group's session timeout.
+        env["SAGA_INSTANCE_ID"] = name
         # The services must import from this checkout, wherever the caller runs from.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
         return env

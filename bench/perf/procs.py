@@ -211,7 +211,10 @@ class Engine(_Group):
             env_p = base_env({**extra, **trust, "OTEL_SERVICE_NAME": "+".join(services)})
             log = workdir / f"{prefix}.{name}.log"
             self.participants.append(Child(name, argv, log, env=env_p, cwd=ROOT, banner=True))
+        # Static membership, as a supervised deployment would run it: the restarted
+        # coordinator (B4) takes its partitions back without waiting out its old session.
         argv = [sys.executable, "-m", "bench.perf.roles", "coordinator", *common]
+        argv += ["--instance-id", "perf-coordinator"]
         trust = signing.env(COORDINATOR) if signing is not None else {}
         env_c = base_env({**extra, **trust, "OTEL_SERVICE_NAME": "perf-coordinator"})
         log = workdir / f"{prefix}.coordinator.log"

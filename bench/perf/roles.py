@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -73,7 +74,7 @@ async def run_coordinator(args: argparse.Namespace) -> None:
     observer = _observer(args.tracing, "perf-coordinator")
     coordinator = Coordinator(
         sagas,
-        transport=KafkaTransport(args.bootstrap),
+        transport=KafkaTransport(args.bootstrap, instance_id=args.instance_id),
         prefix=args.prefix,
         partitions=args.partitions,
         observer=observer,
@@ -87,7 +88,7 @@ async def run_coordinator(args: argparse.Namespace) -> None:
 
 async def run_participants(args: argparse.Namespace) -> None:
     """Serves the given services' participants until signalled; then writes the calls."""
-    transport = KafkaTransport(args.bootstrap)
+    transport = KafkaTransport(args.bootstrap, instance_id=args.instance_id)
     services = [s for s in args.services.split(",") if s]
     observer = _observer(args.tracing, f"perf-{'+'.join(services)}")
     trust = Trust.from_env()
@@ -127,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracing", action="store_true", help="OpenTelemetry from OTEL_* vars")
     parser.add_argument("--calls-out", type=Path, help="participant: handler calls at exit")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--instance-id",
+        default=os.environ.get("SAGA_INSTANCE_ID") or None,
+        help="static group membership (a restarted coordinator takes its partitions back at once)",
+    )
     args = parser.parse_args(argv)
     configure_logging(args.log_level, "json")
     # The coordinator's recovery lines are what the rebuild and recovery benchmarks read.

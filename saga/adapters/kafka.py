@@ -12,7 +12,15 @@ Choices that the engine's guarantees depend on:
 - A producer that was fenced, or whose transaction failed, is closed and not reused; the caller
   opens a new one, which also aborts whatever the old one left open.
 - Keys are partitioned with murmur2, as Kafka's Java clients and aiokafka's default partitioner
-  do, so producers in any language agree on a saga's partition.
+  do, so producers in any language agree on a saga's partition. The adapter partitions itself
+  (cached per key) and hands aiokafka one batch per partition: its per-record send was the
+  larger part of a step's protocol cost. A transaction commits only once every batch of it was
+  acknowledged (aiokafka would commit without a failed batch). Non-transactional sends that
+  overlap are written together (`_KafkaProducer`).
+- Transactional producers retry after 10 ms, not aiokafka's 100 (`TX_RETRY_BACKOFF_MS`: Kafka's
+  transaction verification answers back-to-back transactions with retriable errors).
+- With ``instance_id`` the consumers are static group members (KIP-345): a restarted process
+  takes its partitions back without a rebalance.
 - Every client gets the same security options (`KafkaSecurity`: TLS, SASL). aiokafka reports a
   failed bootstrap only as "Unable to bootstrap", the cause in a log line; so when a client
   cannot start, one connection is tried by hand to name the cause (refused credentials, an
@@ -24,9 +32,11 @@ Choices that the engine's guarantees depend on:
 from __future__ import annotations
 
 import logging
+import random
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from functools import lru_cache
 from typing import Any
 
 import anyio
@@ -42,6 +52,7 @@ from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaConnectionError,
     KafkaError,
+    MessageSizeTooLargeError,
     ProducerFenced,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
@@ -51,7 +62,9 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from saga.adapters.kafka_settings import (
     ENV,
@@ -67,6 +80,19 @@ __all__ = ["ConnectionFailed", "KafkaSecurity", "KafkaTransport", "Unauthorized"
 
 log = logging.getLogger(__name__)
 
+TX_RETRY_BACKOFF_MS = 10
+"""aiokafka's wait before retrying a request of a transactional producer (its default: 100).
+
+Kafka 3.6+ verifies each transactional produce and offset commit with the transaction
+coordinator (KIP-890 part 1). Right after the previous transaction of the same producer ended,
+while its markers are still being written, that check answers CONCURRENT_TRANSACTIONS, which the
+broker hands to clients of aiokafka's protocol versions as NOT_ENOUGH_REPLICAS (a produce) or
+COORDINATOR_LOAD_IN_PROGRESS / UNKNOWN_TOPIC_OR_PARTITION (a TxnOffsetCommit): retriable, and
+aiokafka retries after ``retry_backoff_ms``. Back to back transactions, the engine's normal
+rhythm, meet it every few dozen transactions: at 100 ms that was the p99 of a saga. The markers
+take a millisecond or two, so 10 ms retries a few times at most; the same wait applies to real
+failures (an unreachable broker) and is bounded by the transport's deadline there."""
+
 
 class KafkaTransport:
     """The transport port on a Kafka cluster.
@@ -77,6 +103,18 @@ class KafkaTransport:
             before it fails with `TransportError`.
         client_id: Prefix for client ids, shown in broker logs.
         security: TLS and SASL settings for every client (default: ``PLAINTEXT``, no SASL).
+        instance_id: This process's stable name in its consumer groups (Kafka's static
+            membership, ``group.instance.id``), e.g. ``coordinator-0``; ``None`` (the default)
+            joins as a new member each time. A process restarted under the same name, after a
+            crash or a stop, takes its partitions back at once, without a rebalance: the group
+            does not wait out the dead member's session. The price: a member that stops and does
+            not come back keeps its partitions for ``session_timeout`` before they move. Two
+            live processes must not share a name (the newer fences the older out of the
+            group); consumers of one group opened at once through this transport are told
+            apart by a suffix (``-2``, ``-3``, in the order opened).
+        session_timeout: Seconds a member may go silent (a crashed process) before the group
+            gives its partitions to the others; the broker bounds it
+            (``group.min.session.timeout.ms``, 6 s by default).
 
     Raises:
         KafkaSettingsError: ``security`` names files that cannot be used (a key that does not
@@ -90,11 +128,18 @@ class KafkaTransport:
         deadline: float = 30.0,
         client_id: str = "saga",
         security: KafkaSecurity | None = None,
+        instance_id: str | None = None,
+        session_timeout: float = 10.0,
     ) -> None:
+        if instance_id is not None and not instance_id.strip():
+            raise KafkaSettingsError("instance_id: give a name, or None for none")
         self.bootstrap_servers = bootstrap_servers
         self.deadline = deadline
         self.client_id = client_id
         self.security = security or KafkaSecurity()
+        self.instance_id = instance_id
+        self.session_timeout = session_timeout
+        self._instances: dict[str, set[str]] = {}  # group -> the instance ids open in it
         # Built once: one TLS context and one token provider for every client.
         self._options = self.security.aiokafka_options()
         provider = self._options.get("sasl_oauth_token_provider")
@@ -390,7 +435,7 @@ class KafkaTransport:
 
     def partition_for(self, key: bytes, partitions: int) -> int:
         """Kafka's default partitioner: murmur2 of the key."""
-        return int(murmur2(key) & 0x7FFFFFFF) % partitions
+        return _partition_of(key, partitions)
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -401,17 +446,49 @@ class KafkaTransport:
         topics: Sequence[str],
         listener: RebalanceListener | None = None,
     ) -> AsyncIterator[_KafkaConsumer]:
-        """A ``read_committed`` group member; leaves the group cleanly on exit."""
+        """A ``read_committed`` group member; leaves the group cleanly on exit (a static member,
+        with ``instance_id``, stays: its partitions wait for it to come back)."""
+        with self._instance(group_id) as instance:
+            async with self._member(group_id, topics, listener, instance) as member:
+                yield member
+
+    @contextmanager
+    def _instance(self, group_id: str) -> Iterator[str | None]:
+        """This transport's instance id for a new member of ``group_id``, suffixed when one is
+        open in the group already."""
+        if self.instance_id is None:
+            yield None
+            return
+        taken = self._instances.setdefault(group_id, set())
+        name, n = self.instance_id, 1
+        while name in taken:
+            n += 1
+            name = f"{self.instance_id}-{n}"
+        taken.add(name)
+        try:
+            yield name
+        finally:
+            taken.discard(name)
+
+    @asynccontextmanager
+    async def _member(
+        self,
+        group_id: str,
+        topics: Sequence[str],
+        listener: RebalanceListener | None,
+        instance: str | None,
+    ) -> AsyncIterator[_KafkaConsumer]:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
             group_id=group_id,
+            group_instance_id=instance,
             client_id=f"{self.client_id}-{group_id}",
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
+            session_timeout_ms=int(self.session_timeout * 1000),
+            heartbeat_interval_ms=min(1_000, int(self.session_timeout * 1000) // 3),
             max_poll_interval_ms=120_000,
             metadata_max_age_ms=30_000,
             fetch_max_wait_ms=50,  # replies wait on this: a long poll would add latency per step
@@ -423,7 +500,9 @@ class KafkaTransport:
             yield _KafkaConsumer(consumer, self.deadline, self.security.principal)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
-                await consumer.stop()  # also leaves the group, so a rebalance starts at once
+                # A dynamic member also leaves the group, so a rebalance starts at once; a static
+                # one does not (aiokafka sends no LeaveGroup for it): its name holds its place.
+                await consumer.stop()
 
     async def read(self, topic: str, partition: int, start: int = 0) -> AsyncIterator[Record]:
         """Reads committed records of one partition from ``start`` up to its end now."""
@@ -471,7 +550,6 @@ class KafkaTransport:
             client_id=f"{self.client_id}-producer",
             enable_idempotence=True,
             acks="all",
-            linger_ms=2,
             **self._options,
         )
         await self._start(producer, "producer", "Write")
@@ -492,6 +570,7 @@ class KafkaTransport:
             enable_idempotence=True,
             acks="all",
             transaction_timeout_ms=60_000,
+            retry_backoff_ms=TX_RETRY_BACKOFF_MS,
             **self._options,
         )
         try:
@@ -523,6 +602,14 @@ class KafkaTransport:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await _stop_quietly(client)
             raise await self._failure(exc, f"could not start the {what}", right) from exc
+
+
+@lru_cache(maxsize=8192)
+def _partition_of(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner, cached: aiokafka's murmur2 is pure Python (about 8 µs for a
+    saga id here), and a saga's key is partitioned again and again while the saga runs (each
+    command, each reply's check of its home partition)."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def _hosts(bootstrap_servers: str) -> list[tuple[str, int]]:
@@ -637,25 +724,80 @@ class _KafkaConsumer:
             ) from exc
 
 
+class _Flush:
+    """Records handed to a `_KafkaProducer` while its previous write was under way."""
+
+    __slots__ = ("done", "error", "records")
+
+    def __init__(self) -> None:
+        self.records: list[Outgoing] = []
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
 class _KafkaProducer:
+    """The idempotent producer, writing in groups.
+
+    Each `send` waits until its records are acknowledged. Records handed in while a write is
+    under way go out together in the next one, in one batch per partition, under one deadline:
+    the participant's replies finish one by one, and a deadline scope and a produce call per
+    reply cost more than the reply's encoding. The first sender of a group writes it (after
+    the write before it ended: a partition's batches then go out in the order they were sent);
+    the others wait for it.
+    """
+
     def __init__(self, producer: AIOKafkaProducer, deadline: float, principal: str) -> None:
         self._p = producer
         self._deadline = deadline
         self._principal = principal
+        self._open: _Flush | None = None  # records for the next write, still taking more
+        self._writing: anyio.Event | None = None  # set when the write under way ends
 
     async def send(self, records: Sequence[Outgoing]) -> None:
+        if not records:
+            return
+        group = self._open
+        if group is not None:
+            group.records.extend(records)
+            await group.done.wait()
+        else:
+            group = self._open = _Flush()
+            group.records.extend(records)
+            await self._write(group)
+        if group.error is not None:
+            raise self._error(group.error)
+
+    async def _write(self, group: _Flush) -> None:
         try:
-            with anyio.fail_after(self._deadline):
-                futures = [
-                    await self._p.send(
-                        r.topic, r.value, key=r.key, partition=r.partition, headers=list(r.headers)
-                    )
-                    for r in records
-                ]
-                for f in futures:
-                    await f
-        except (KafkaError, TimeoutError) as exc:
-            raise _as_transport_error(exc, "send failed", self._principal, "Write") from exc
+            while self._writing is not None:
+                await self._writing.wait()
+            self._open = None  # what comes now goes into the next write
+            self._writing = writing = anyio.Event()
+            try:
+                with anyio.fail_after(self._deadline):
+                    placed = await _enqueue(self._p, group.records)
+                    for future in {id(f): f for f, _ in placed}.values():
+                        await future
+            finally:
+                self._writing = None
+                writing.set()
+        except BaseException as exc:
+            # The others of the group get the failure too; a cancellation of this sender alone
+            # (only the participant stopping cancels senders, all of them) fails theirs as well.
+            group.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._open is group:
+                self._open = None
+            group.done.set()
+
+    def _error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, KafkaError | TimeoutError):
+            return _as_transport_error(exc, "send failed", self._principal, "Write")
+        if isinstance(exc, Exception):
+            return exc
+        return TransportError(f"send failed: the write was cancelled ({exc!r})")
 
 
 class _KafkaTxProducer:
@@ -678,26 +820,21 @@ class _KafkaTxProducer:
             with anyio.fail_after(self._deadline):
                 await p.begin_transaction()
                 try:
-                    futures = [
-                        await p.send(
-                            r.topic,
-                            r.value,
-                            key=r.key,
-                            partition=r.partition,
-                            headers=list(r.headers),
-                        )
-                        for r in records
-                    ]
+                    placed = await _enqueue(p, records)
                     if offsets:
                         await p.send_offsets_to_transaction(
                             {KafkaTP(t, n): o for (t, n), o in offsets.items()}, group_id
                         )
+                    # Every batch acknowledged before the commit: aiokafka commits a transaction
+                    # whose batch failed (a record too large, say) without it, so a failure must
+                    # abort instead. No wait added: the commit waits for the batches anyway.
+                    written = [(await f).offset + i for f, i in placed]
                     await p.commit_transaction()
                 except BaseException:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                         await _abort_quietly(p)
                     raise
-            return [(await f).offset for f in futures]
+            return written
         except ProducerFenced as exc:
             self._broken = "fenced"
             raise Fenced(str(exc)) from exc
@@ -707,6 +844,62 @@ class _KafkaTxProducer:
             # did not commit; the coordinator drops the partition and re-reads the log.
             self._broken = repr(exc)
             raise _as_transport_error(exc, "transaction aborted", self._principal, "Write") from exc
+
+
+async def _enqueue(p: AIOKafkaProducer, records: Sequence[Outgoing]) -> list[tuple[Any, int]]:
+    """Hands ``records`` to ``p`` in one batch per partition (more where a batch is full).
+
+    Returns, for each record in order, its batch's future (its result's offset is the batch's
+    first) and the record's place in the batch. Keyed records without a partition are placed
+    by Kafka's default partitioner here, with the partition counts of the producer's metadata:
+    aiokafka's own send costs a murmur2 in pure Python, two lists, a size estimate, a metadata
+    wait and a future per record, where a batch costs one of each per partition.
+
+    Raises:
+        MessageSizeTooLargeError: A record is larger than a request may be (nothing was sent).
+    """
+    counts: dict[str, int] = {}
+    current: dict[tuple[str, int], BatchBuilder] = {}
+    batches: list[tuple[str, int, BatchBuilder]] = []
+    placed: list[tuple[BatchBuilder, int]] = []
+    for r in records:
+        if len(r.value or b"") + len(r.key or b"") > _LARGE:
+            _check_size(r)
+        n = r.partition
+        if n is None:
+            count = counts.get(r.topic)
+            if count is None:
+                count = counts[r.topic] = len(await p.partitions_for(r.topic))
+            n = _partition_of(r.key, count) if r.key is not None else random.randrange(count)
+        headers = list(r.headers) if r.headers else _NO_HEADERS  # the builder wants a list
+        builder = current.get((r.topic, n))
+        meta = None
+        if builder is not None:
+            meta = builder.append(timestamp=None, key=r.key, value=r.value, headers=headers)
+        if meta is None:  # a new partition, or its batch is full: the first record always fits
+            builder = current[(r.topic, n)] = p.create_batch()
+            batches.append((r.topic, n, builder))
+            meta = builder.append(timestamp=None, key=r.key, value=r.value, headers=headers)
+        placed.append((builder, meta.offset))
+    futures = {}
+    for topic, n, builder in batches:
+        builder.close()  # closed: it goes out at once, without lingering for more
+        futures[id(builder)] = await p.send_batch(builder, topic, partition=n)
+    return [(futures[id(b)], i) for b, i in placed]
+
+
+_NO_HEADERS: list[tuple[str, bytes]] = []  # only read
+_MAX_REQUEST = 1_048_576  # aiokafka's max_request_size, which the producers keep
+_LARGE = _MAX_REQUEST - 64 * 1024  # below this, key and value leave room for any headers
+
+
+def _check_size(r: Outgoing) -> None:
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(r.key, r.value, list(r.headers))
+    if size > _MAX_REQUEST:
+        raise MessageSizeTooLargeError(
+            f"the record for {r.topic} is {size} bytes, larger than a request may be "
+            f"({_MAX_REQUEST})"
+        )
 
 
 async def _stop_quietly(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:

@@ -178,8 +178,7 @@ def _trust_options(common: argparse.ArgumentParser) -> None:
         "--max-request-age",
         type=float,
         metavar="SECONDS",
-        help=f"how long a signed request is honoured (default: ${env['max_request_age']} or "
-        "86400)",
+        help=f"how long a signed request is honoured (default: ${env['max_request_age']} or 86400)",
     )
     group.add_argument(
         "--unsigned",
@@ -325,7 +324,11 @@ def kafka_transport(args: argparse.Namespace) -> KafkaTransport:
 
     security = kafka_security(args)
     try:
-        return KafkaTransport(args.bootstrap_servers, security=security)
+        return KafkaTransport(
+            args.bootstrap_servers,
+            security=security,
+            instance_id=getattr(args, "instance_id", None),
+        )
     except KafkaSettingsError as exc:
         raise CliError(f"Kafka settings: {exc}") from None
 

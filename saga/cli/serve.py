@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -22,6 +23,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("coordinator", parents=[common], help="run a coordinator")
     p.add_argument("--app", required=True, help="MODULE:ATTR naming definitions to run")
     p.add_argument("--partitions", type=int, default=6, help="partitions for new topics")
+    _instance_id(p)
     p.set_defaults(handler=_coordinator)
 
     p = sub.add_parser("participant", parents=[common], help="run a service's participant")
@@ -29,7 +31,19 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--partitions", type=int, default=6, help="partitions if it creates its command topic"
     )
+    _instance_id(p)
     p.set_defaults(handler=_participant)
+
+
+def _instance_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--instance-id",
+        default=os.environ.get("SAGA_INSTANCE_ID") or None,
+        metavar="NAME",
+        help="this process's stable name in its consumer group (Kafka's static membership: a "
+        "restarted process takes its partitions back at once instead of after the session "
+        "timeout; a stopped one holds them for the session timeout); default $SAGA_INSTANCE_ID",
+    )
 
 
 async def _serve_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -37,10 +37,12 @@ with ``Timeout``, or the participant is gone, and the coordinator's deadline gov
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias, cast
@@ -183,8 +185,7 @@ async def invoke(
                     f"input does not match {registered.input_model.__name__}: "
                     f"{exc.errors()[0]['msg']}"
                 ) from None
-        with anyio.fail_after(max(0.001, budget)):
-            result = await _chain(registered, interceptors, workers)(payload, ctx)
+        result = await _within(_chain(registered, interceptors, workers), payload, ctx, budget)
         return True, _output(result, max_output_bytes), None
     except _BadOutput as exc:
         return False, None, ErrorInfo(type=exc.kind, message=exc.message, business=True)
@@ -207,6 +208,57 @@ async def invoke(
         if anyio.current_effective_deadline() == -math.inf:
             raise
         return _technical(exc, ctx)
+
+
+async def _within(
+    call: CallNext, payload: dict[str, Any], ctx: StepContext, budget: float
+) -> HandlerResult:
+    """``call(payload, ctx)``, cut off with `TimeoutError` once ``budget`` seconds passed.
+
+    The call's first step runs at once, outside any deadline: a handler that returns without
+    waiting on anything (computation only, the common no-op and in-memory handler) has nothing
+    a deadline could interrupt, and a deadline scope per call cost more than such a handler.
+    Only a call that does wait runs on under the deadline, counted from before its first step:
+    a hung handler is cut off exactly as before. The deadline is asyncio's own
+    (``asyncio.timeout_at``), which, unlike an anyio scope, may be entered after the handler's
+    first step has entered scopes of its own: it does not keep a stack of scopes, it cancels the
+    task and turns that cancellation, and only that one, into `TimeoutError`.
+    """
+    deadline = asyncio.get_running_loop().time() + max(0.001, budget)
+    awaitable = call(payload, ctx)
+    if not isinstance(awaitable, Coroutine):  # _chain makes coroutines; anything else waits
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    try:
+        waiting_on = awaitable.send(None)
+    except StopIteration as finished:
+        result: HandlerResult = finished.value
+        return result
+    async with asyncio.timeout_at(deadline):
+        return await _resume(awaitable, waiting_on)
+
+
+@types.coroutine
+def _resume(
+    coro: Coroutine[Any, Any, HandlerResult], waiting_on: Any
+) -> Generator[Any, Any, HandlerResult]:
+    """Awaits a coroutine whose first step has run and is waiting on ``waiting_on``: hands that
+    to the event loop, then goes on as ``await`` does (what is sent or thrown in goes on to the
+    coroutine)."""
+    try:
+        while True:
+            try:
+                sent = yield waiting_on
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                waiting_on = coro.throw(exc)
+            else:
+                waiting_on = coro.send(sent)
+    except StopIteration as finished:
+        result: HandlerResult = finished.value
+        return result
 
 
 def smaller(outcome: Outcome) -> Outcome:

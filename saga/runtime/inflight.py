@@ -5,17 +5,33 @@ Theory of operation
 -------------------
 `InFlight.serve` runs these side by side until it is cancelled:
 
-- The *poller* takes records from the consumer and hands each to its saga's lane, so polling
+- The *poller* takes records from the consumer and puts each in its saga's *lane*, so polling
   goes on while handlers run: a slow handler holds up its own saga, not the service. It stops
   taking records while ``max_in_flight`` of them are unfinished (back pressure, so memory stays
   bounded).
-- The *committer* commits what may be committed as soon as a record finishes (a task of its
-  own, so that a commit neither waits for a poll to time out nor holds one up).
 - The *lanes*, one per record key (a command's key is its saga id) while the key has records
-  in hand: a lane handles its records one after the other in the order polled, which is offset
-  order (a saga's commands share a partition), so the commands of one saga run, and are
-  replied to, in order. Lanes run concurrently; the handling callback bounds how many handlers
-  run at once.
+  in hand, hold their records in the order polled, which is offset order (a saga's commands
+  share a partition). A lane with records is, at any time, in exactly one place: the *ready*
+  queue, a worker's hands, or the sender's; so the records of one lane are handled, and
+  replied to, one after the other, in order, and the next one is taken only once the reply to
+  the one before it is written.
+- The *workers*, a fixed pool of ``workers`` tasks (the participant's concurrency), take the
+  lane at the head of the ready queue and handle its first record (`Handle`: decide what to
+  write); so at most ``workers`` records are handled at once, of different sagas. A worker
+  hands what to write to the sender and takes the next lane; an idle worker waits to be woken
+  by the next lane that becomes ready. (A task and a capacity limiter per record used to cost
+  more than a no-op handler.)
+- The *sender* writes what the workers handed it, all of it in one `Send` (while one write is
+  under way, what is handed meanwhile goes in the next), then finishes those records and puts
+  each lane that has more records at the back of the ready queue: saga by saga, round robin.
+  Writing is not a worker's job, so a slow write does not hold a handler's place.
+- The *committer* commits what may be committed as soon as a record finishes (a task of its
+  own, so that a commit neither waits for a poll to time out nor holds one up), and then at
+  most once per ``commit_interval``: what finishes meanwhile goes in the next commit. Commits
+  are off the replies' path (a reply is written before its offset is committed), and under
+  load one commit per reply was the participant's largest cost (an OffsetCommit request each);
+  what finished but was not committed yet when a process dies comes again, and is replayed
+  from the reply store, as it always could.
 
 Offsets. The records of one partition finish out of order, so each partition has a
 `PartitionOffsets`, and the committed offset moves past a record only once that record and
@@ -27,15 +43,17 @@ replays. A partition the consumer no longer owns (a rebalance) is forgotten: wha
 flight for it finishes, but is committed by nobody here, and its next owner starts from the
 committed offset.
 
-Stopping. The lanes run in a task group shielded from the caller's cancellation. When `serve`
-is cancelled, the poller and the committer stop, the lanes get ``grace`` seconds to finish the
-work in hand (every record already polled), the ones still running are cancelled then (a
-handler cut off this way has no outcome: no reply, no commit, and its record comes again to
-the partition's next owner), and what finished is committed. A poll, commit or handling that
-fails with a `TransportError` (the broker is away) stops everything the same way, except that
-the lanes stop before their next record and nothing more is committed; `serve` then raises
-that error, and the caller rewinds to the committed offsets and tries again: whatever was not
-committed comes again, and the reply store replays what had finished.
+Stopping. The workers and the sender run in a task group shielded from the caller's
+cancellation. When `serve` is cancelled, the poller and the committer stop, the workers and the
+sender get ``grace`` seconds to finish the work in hand (every record already polled), they
+are cancelled then (a handler cut off this way has no outcome: no reply, no commit, and its
+record comes again to the partition's next owner), and what finished is committed. A poll,
+commit, handling or write that fails with a `TransportError` (the broker is away) stops
+everything the same way, except that no record is handled or written after it (the handlers
+already running finish, within the grace period, and what they lead to is dropped) and
+nothing more is committed; `serve` then raises that error, and the caller rewinds to the
+committed offsets and tries again: whatever was not committed comes again, and the reply store
+replays what had finished.
 """
 
 from __future__ import annotations
@@ -119,6 +137,7 @@ class InFlight:
         grace: Seconds the work in hand may take to finish once stopping.
         max_in_flight: Most records taken and not finished; polling pauses at this many.
         on_commit: Called after each commit that moved an offset (the broker is reachable).
+        commit_interval: Least seconds between two commits (0: one after another).
     """
 
     def __init__(
@@ -130,6 +149,7 @@ class InFlight:
         grace: float,
         max_in_flight: int,
         on_commit: Callable[[], object],
+        commit_interval: float = 0.0,
     ) -> None:
         self._consumer = consumer
         self._clock = clock
@@ -137,6 +157,7 @@ class InFlight:
         self._grace = grace
         self._max_in_flight = max_in_flight
         self._on_commit = on_commit
+        self._commit_interval = commit_interval
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._lanes: dict[bytes | None, deque[tuple[Taken, PartitionOffsets]]] = {}
@@ -213,6 +234,8 @@ class InFlight:
                 await self._commit()
             except TransportError as exc:
                 self._fail(exc)
+            if self._commit_interval:
+                await anyio.sleep(self._commit_interval)
 
     def _forget_revoked(self) -> None:
         owned = self._consumer.assignment()

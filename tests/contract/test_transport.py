@@ -140,3 +140,52 @@ async def test_range_assignment_keeps_copartitioned_topics_together(transport: T
                     break
     for assignment in owned:
         assert {p for t, p in assignment if t == a} == {p for t, p in assignment if t == b}
+
+
+async def test_concurrent_sends_are_each_acknowledged_and_all_written(transport: Transport) -> None:
+    # Sends that overlap go out together (the Kafka producer groups them): each returns only
+    # once its own records are written, and none is lost or written twice.
+    topic = unique("many")
+    await transport.ensure_topics([topic], 3)
+    async with transport.producer() as producer:
+
+        async def one(i: int) -> None:
+            await producer.send([Outgoing(topic, f"k{i}".encode(), f"v{i}".encode())])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+    found = [r for p in range(3) for r in await read_all(transport, topic, p)]
+    assert sorted(r.value or b"" for r in found) == sorted(f"v{i}".encode() for i in range(200))
+    for r in found:
+        assert transport.partition_for(r.key or b"", 3) == r.partition
+
+
+async def test_a_transaction_returns_each_records_offset(transport: Transport) -> None:
+    # Many records, over several partitions and more than one batch of each, headers included:
+    # the offset returned for each is where it was written.
+    dst = unique("offsets")
+    await transport.ensure_topics([dst], 3)
+    records = [
+        Outgoing(dst, f"saga-{i % 7}".encode(), f"{i}:".encode() + b"x" * 900, (("h", b"%d" % i),))
+        for i in range(120)
+    ] + [Outgoing(dst, b"elsewhere", b"pinned", partition=2)]
+    async with transport.tx_producer(unique("tx")) as tx:
+        offsets = await tx.commit(records, {}, unique("g"))
+    assert len(offsets) == len(records)
+    by_place = {}
+    for p in range(3):
+        for r in await read_eventually(transport, dst, p, 1):
+            by_place[(p, r.offset)] = r
+    for record, offset in zip(records, offsets, strict=True):
+        p = (
+            record.partition
+            if record.partition is not None
+            else transport.partition_for(record.key or b"", 3)
+        )
+        written = by_place[(p, offset)]
+        assert (written.key, written.value, written.headers) == (
+            record.key,
+            record.value,
+            record.headers,
+        )

@@ -123,19 +123,21 @@ async def test_a_transaction_that_turns_illegal_is_retried(
         for i in range(1000)
         if transport.partition_for(f"saga-{i}".encode(), PARTITIONS) == victim
     ][:2]
-    send = AIOKafkaProducer.send
+    send_batch = AIOKafkaProducer.send_batch
     armed: list[bool] = []
 
-    async def flaky_send(self: AIOKafkaProducer, topic: str, *args: Any, **kwargs: Any) -> Any:
+    async def flaky_send_batch(
+        self: AIOKafkaProducer, batch: Any, topic: str, *, partition: int
+    ) -> Any:
         # What aiokafka did to the woken zombie, once, in the victim partition's transaction.
         txn = self._txn_manager
         mine = txn is not None and txn.transactional_id == f"{prefix}.coordinator.{victim}"
         if armed and mine and topic.endswith(".log"):
             armed.clear()
             raise IllegalOperation("Can't send messages while not in transaction")
-        return await send(self, topic, *args, **kwargs)
+        return await send_batch(self, batch, topic, partition=partition)
 
-    monkeypatch.setattr(AIOKafkaProducer, "send", flaky_send)
+    monkeypatch.setattr(AIOKafkaProducer, "send_batch", flaky_send_batch)
     async with open_in_process(transport, prefix, PARTITIONS, tmp_path / "ledger.db") as c:
         await c.start("chain", {"plan": {}}, ids[0])
         assert (await c.wait(ids[0], 60)).status is SagaStatus.COMPLETED
