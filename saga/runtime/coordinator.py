@@ -201,9 +201,7 @@ class Coordinator(CoordinatorFacade):
         self._serve_facade()
 
     def _in_flight(self) -> int:
-        return sum(
-            not s.is_final for part in list(self._parts.values()) for s in part.states.values()
-        )
+        return sum(part.states.unfinished() for part in list(self._parts.values()))
 
     @property
     def definitions(self) -> Mapping[str, SagaDefinition]:

@@ -53,6 +53,7 @@ from saga.errors import ConfigurationError, DecodeError, SagaError, TopologyChan
 from saga.runtime.catalog import Catalog
 from saga.runtime.dlq import DeadLetter
 from saga.runtime.gate import CoordinatorGate, Refusal
+from saga.runtime.held import HeldStates
 from saga.runtime.observe import Committed, Observer
 from saga.runtime.ports import (
     UNSEALED_HEADER,
@@ -134,7 +135,8 @@ class OwnedPartition:
         self.limits = limits
         self.observer = observer
         self.max_record_bytes = max_record_bytes
-        self.states: dict[str, SagaState] = {}
+        self.states = HeldStates()
+        """The partition's sagas (idle unfinished ones held packed: `saga.runtime.held`)."""
         self.retained = Retained(retention)
         self.log_next = 0
         """The log offset after the last event this partition's sagas have in the log."""
@@ -156,10 +158,12 @@ class OwnedPartition:
 
     def next_timer(self) -> float | None:
         """The earliest scheduled time (possibly stale: see `due`): a saga's deadline or retry,
-        or a finished saga's eviction or tombstone."""
+        a finished saga's eviction or tombstone, or an idle saga's packing."""
         times = [self._timers[0][0]] if self._timers else []
         if (retention := self.retained.next_due()) is not None:
             times.append(retention)
+        if (park := self.states.next_park()) is not None:
+            times.append(park)
         return min(times, default=None)
 
     def due(self, now: float) -> list[str]:
@@ -202,9 +206,9 @@ class OwnedPartition:
         start = fold.start_offset(self.number)
         async for record in transport.read(self.topics.log, self.number, start):
             fold.add_log_record(_opened(record))
-        self.states = fold.states
+        self.states = HeldStates(fold.states)
         self.log_next = fold.log_next.get(self.number, start)
-        for state in self.states.values():
+        for state in fold.states.values():
             self.arm(state)
             self.retained.track(state)
         # Finished sagas past their time in memory leave it now, not at the next batch: memory
@@ -240,6 +244,7 @@ class OwnedPartition:
 
     def stage(self, records: Sequence[Record], now: float, catalog: Catalog) -> Batch:
         """Decides every record and every due timer; returns the transaction to commit."""
+        self.states.park(now)
         batch = Batch()
         for saga_id in self.retained.tombstones(now):
             batch.records.append(
