@@ -79,13 +79,14 @@ def test_only_the_kafka_adapter_imports_aiokafka() -> None:
     assert users == {"adapters/kafka.py"}
 
 
-def test_only_the_tracing_adapter_imports_opentelemetry() -> None:
+def test_only_the_tracing_adapter_and_the_metrics_endpoint_import_opentelemetry() -> None:
     users = {
         p.relative_to(SAGA).as_posix()
         for p in SAGA.rglob("*.py")
         if any(n.split(".")[0] == "opentelemetry" for n in imports(p))
     }
-    assert users == {"adapters/tracing.py"}
+    # And the console server's /metrics, whose exporter is OpenTelemetry's Prometheus reader.
+    assert users == {"adapters/tracing.py", "server/metrics.py"}
 
 
 def test_runtime_does_not_import_adapters_at_module_level() -> None:
