@@ -69,10 +69,11 @@ def render(results: dict[str, Any]) -> str:
         "Biases of the harness: the load generator shares the two cores and decodes every log "
         "record (its CPU share per level is `loadgen_cpu_share` in the JSON); the raw "
         "reference commits one transaction per poll for all partitions (the engine one per "
-        "partition) and passes partitions explicitly; the broker runs with `deploy.kafka`'s "
-        "start-up-tuned JVM (C1 only, 512 MB heap, serial GC), so the raw ceiling is that "
-        "broker's. With a load average well above 2 (header) absolute figures mean little; "
-        "compare ratios within one run.",
+        "partition) and passes partitions explicitly; the broker runs with "
+        "`deploy.kafka.BENCH_JVM_OPTIONS` (full JIT, 1 GiB heap, one parallel GC thread) and "
+        "shares the two cores with everything else, so the raw ceiling is that broker's on "
+        "this machine. With a load average well above 2 (header) absolute figures mean "
+        "little; compare ratios within one run.",
         "",
         "| benchmark | figure | engine | reference | ratio |",
         "|---|---|---|---|---|",
