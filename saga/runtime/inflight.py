@@ -15,7 +15,7 @@ Theory of operation
   queue, a worker's hands, or the sender's; so the records of one lane are handled, and
   replied to, one after the other, in order, and the next one is taken only once the reply to
   the one before it is written.
-- The *workers*, a fixed pool of ``workers`` tasks (the participant's concurrency), take the
+- The *workers*, a fixed pool of ``concurrency`` tasks (the participant's), take the
   lane at the head of the ready queue and handle its first record (`Handle`: decide what to
   write); so at most ``workers`` records are handled at once, of different sagas. A worker
   hands what to write to the sender and takes the next lane; an idle worker waits to be woken
@@ -61,17 +61,17 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from saga.errors import TransportError
-from saga.runtime.ports import Clock, Consumer, Record, TopicPartition
+from saga.runtime.ports import Clock, Consumer, Outgoing, Record, TopicPartition
 
-__all__ = ["Handle", "InFlight", "PartitionOffsets", "Taken"]
+__all__ = ["Handle", "Handled", "InFlight", "PartitionOffsets", "Send", "Taken"]
 
 log = logging.getLogger("saga.participant")
 
@@ -88,10 +88,17 @@ class Taken:
     """When it was polled, on the participant's clock (seconds since the epoch)."""
 
 
-Handle: TypeAlias = Callable[[Taken], Awaitable[None]]
-"""Handles one record and sends what it leads to; returns once that is written.
+Handled: TypeAlias = tuple[Sequence[Outgoing], Callable[[], object] | None]
+"""What handling one record leads to: the records to write, and what to call once they are
+written (``None``: nothing)."""
+
+Handle: TypeAlias = Callable[[Taken], Awaitable[Handled]]
+"""Handles one record: decides what to write for it, without writing it.
 
 It may raise `TransportError` (the broker is away): the record stays unfinished."""
+
+Send: TypeAlias = Callable[[Sequence[Outgoing]], Awaitable[None]]
+"""Writes records; returns once they are written. It may raise `TransportError`."""
 
 
 class PartitionOffsets:
@@ -127,6 +134,16 @@ class PartitionOffsets:
         return self._heap[0] if self._heap else self._end
 
 
+class _Lane:
+    """One key's records in hand, oldest first (see the module docstring)."""
+
+    __slots__ = ("key", "records")
+
+    def __init__(self, key: bytes | None) -> None:
+        self.key = key
+        self.records: deque[tuple[Taken, PartitionOffsets]] = deque()
+
+
 class InFlight:
     """One serving session of a participant's consumer (see the module docstring).
 
@@ -134,6 +151,9 @@ class InFlight:
         consumer: The group member to poll and commit.
         clock: The participant's clock (for `Taken.received_at`).
         handle: What to do with each record.
+        send: Writes what handling the records led to.
+        concurrency: Most records handled at once (each of a different key): the number of
+            worker tasks.
         grace: Seconds the work in hand may take to finish once stopping.
         max_in_flight: Most records taken and not finished; polling pauses at this many.
         on_commit: Called after each commit that moved an offset (the broker is reachable).
@@ -145,23 +165,32 @@ class InFlight:
         consumer: Consumer,
         clock: Clock,
         handle: Handle,
+        send: Send,
         *,
+        concurrency: int,
         grace: float,
         max_in_flight: int,
         on_commit: Callable[[], object],
         commit_interval: float = 0.0,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self._consumer = consumer
         self._clock = clock
         self._handle = handle
+        self._send = send
+        self._concurrency = concurrency
         self._grace = grace
         self._max_in_flight = max_in_flight
         self._on_commit = on_commit
         self._commit_interval = commit_interval
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
         self._committed: dict[TopicPartition, int] = {}
-        self._lanes: dict[bytes | None, deque[tuple[Taken, PartitionOffsets]]] = {}
-        self._tg: TaskGroup | None = None
+        self._lanes: dict[bytes | None, _Lane] = {}
+        self._ready: deque[_Lane] = deque()  # lanes with records that nobody holds
+        self._idle: list[anyio.Event] = []  # set one to wake a worker waiting for a lane
+        self._outbox: list[tuple[_Lane, Handled]] = []  # handled, for the sender to write
+        self._sender_idle: anyio.Event | None = None  # set to wake the sender
         self._failure: TransportError | None = None
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
@@ -174,8 +203,8 @@ class InFlight:
         period and commits what finished.
 
         Raises:
-            TransportError: Polling, committing or a handling failed on the broker; what was
-                committed before stays committed, the rest comes again after a rewind.
+            TransportError: Polling, committing, a handling or a write failed on the broker;
+                what was committed before stays committed, the rest comes again after a rewind.
         """
         try:
             async with anyio.create_task_group() as tg:
@@ -187,7 +216,7 @@ class InFlight:
                     self._fail(exc)  # raised plain below, not in the task group's group
                 finally:
                     self._stopping.set()
-                    tg.cancel_scope.cancel()  # the committer; the lanes are shielded
+                    tg.cancel_scope.cancel()  # the committer; the workers are shielded
         finally:
             with anyio.CancelScope(shield=True):
                 await self._final_commit()
@@ -204,6 +233,8 @@ class InFlight:
                     await self._wait_for_change()
                 continue
             records = await self._consumer.poll(0.5, min(500, room))
+            if self._failure is not None:
+                return  # nobody would handle them: they come again after the rewind
             self._forget_revoked()  # the poll is where a rebalance takes effect
             received, received_at = anyio.current_time(), self._clock.now()
             for record in records:
@@ -219,10 +250,13 @@ class InFlight:
         self.unfinished += 1
         lane = self._lanes.get(record.key)
         if lane is None:
-            lane = self._lanes[record.key] = deque()
-            assert self._tg is not None  # started before the poller
-            self._tg.start_soon(self._run_lane, record.key, lane)
-        lane.append((taken, offsets))
+            lane = self._lanes[record.key] = _Lane(record.key)
+            lane.records.append((taken, offsets))
+            self._ready_lane(lane)
+        else:  # held, queued or being written: it is looked at again once it is free
+            lane.records.append((taken, offsets))
+
+    # -- the committer -----------------------------------------------------------------------
 
     async def _committer(self) -> None:
         while self._failure is None:
@@ -268,46 +302,110 @@ class InFlight:
             # Nothing lost: what is not committed comes again, and the reply store replays it.
             log.warning("could not commit the last finished commands: %s", exc)
 
-    # -- the lanes ---------------------------------------------------------------------------
+    # -- the workers and the sender ----------------------------------------------------------
 
     async def _hold(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         # Shielded: the caller's cancellation stops the poller; the work in hand gets its grace.
         with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                task_status.started()
-                await self._stopping.wait()
-                with anyio.move_on_after(self._grace):
-                    while self.unfinished:
-                        await self._wait_for_change()
-                tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(self._concurrency):
+                        tg.start_soon(self._work)
+                    tg.start_soon(self._write)
+                    task_status.started()
+                    await self._stopping.wait()
+                    with anyio.move_on_after(self._grace):
+                        while self.unfinished:
+                            await self._wait_for_change()
+                    tg.cancel_scope.cancel()
+            finally:
+                # What is left was not handled or not written (the grace period ended, or the
+                # broker went away): it stays open in its partition, so it is not committed
+                # and comes again.
+                for lane in list(self._lanes.values()):
+                    self._give_up(lane)
+                self._ready.clear()
+                self._outbox.clear()
 
-    async def _run_lane(
-        self, key: bytes | None, lane: deque[tuple[Taken, PartitionOffsets]]
-    ) -> None:
-        try:
-            while lane and self._failure is None:
-                taken, offsets = lane[0]
+    async def _work(self) -> None:
+        ready, idle = self._ready, self._idle
+        while True:
+            if not ready:
+                woken = anyio.Event()
+                idle.append(woken)
+                await woken.wait()
+                continue
+            lane = ready.popleft()
+            try:
+                handled = await self._handle(lane.records[0][0])
+            except TransportError as exc:
+                self._fail(exc)
+                self._give_up(lane)
+                continue
+            if self._failure is not None:
+                self._give_up(lane)  # nothing is written after a failure
+                continue
+            self._outbox.append((lane, handled))
+            sender, self._sender_idle = self._sender_idle, None
+            if sender is not None:
+                sender.set()
+
+    async def _write(self) -> None:
+        while True:
+            if not self._outbox:
+                self._sender_idle = woken = anyio.Event()
+                await woken.wait()
+                continue
+            batch, self._outbox = self._outbox, []
+            written = self._failure is None
+            if written:
+                records = [r for _, (out, _) in batch for r in out]
                 try:
-                    await self._handle(taken)
+                    await self._send(records)
                 except TransportError as exc:
                     self._fail(exc)
-                    return
+                    written = False
+            if not written:
+                for lane, _ in batch:
+                    self._give_up(lane)
+                continue
+            for lane, (_, then) in batch:
+                if then is not None:
+                    then()
+                taken, offsets = lane.records.popleft()
                 offsets.finish(taken.record.offset)
-                lane.popleft()
                 self.unfinished -= 1
-                self._finished = True
-                self._notify()
-        finally:
-            # What is left was not handled (the broker went away, or the grace period ended):
-            # it stays open in its partition, so it is not committed and comes again.
-            self.unfinished -= len(lane)
-            del self._lanes[key]
+                if self._failure is not None:
+                    self._give_up(lane)
+                elif lane.records:
+                    self._ready_lane(lane)  # at the back: the sagas take turns
+                else:
+                    del self._lanes[lane.key]
+            self._finished = True
             self._notify()
+
+    def _ready_lane(self, lane: _Lane) -> None:
+        self._ready.append(lane)
+        if self._idle:
+            self._idle.pop().set()  # the most recently idle: its stack is the warmest
+
+    def _give_up(self, lane: _Lane) -> None:
+        """Drops ``lane``'s records unfinished: they stay open in their partitions."""
+        self.unfinished -= len(lane.records)
+        lane.records.clear()
+        if self._lanes.get(lane.key) is lane:
+            del self._lanes[lane.key]
+        self._notify()
 
     def _fail(self, exc: TransportError) -> None:
         if self._failure is None:
             self._failure = exc
+        # What nobody holds is dropped now; what a worker or the sender holds, once it is back.
+        while self._ready:
+            self._give_up(self._ready.popleft())
+        outbox, self._outbox = self._outbox, []
+        for lane, _ in outbox:
+            self._give_up(lane)
         self._notify()
 
     def _notify(self) -> None:

@@ -98,10 +98,10 @@ from saga.runtime.handlers import (
     Registered,
     StepContext,
 )
-from saga.runtime.inflight import InFlight, Taken
+from saga.runtime.inflight import Handled, InFlight, Taken
 from saga.runtime.observe import NullObserver, Observer
 from saga.runtime.outcomes import Outcomes, ParticipantStats, Rules
-from saga.runtime.ports import Clock, Consumer, Outgoing, Producer, SystemClock, Topics, Transport
+from saga.runtime.ports import Clock, Consumer, Outgoing, SystemClock, Topics, Transport
 from saga.runtime.stores import MemoryReplyStore, ReplyStore
 from saga.runtime.trust import Trust
 
@@ -133,7 +133,6 @@ class _Deployment:
     partitions: int
     observer: Observer
     clock: Clock
-    limiter: anyio.CapacityLimiter
     outcomes: Outcomes
     gate: ParticipantGate
 
@@ -173,7 +172,9 @@ class Participant:
         service: The service name used in definitions (``Step.service``).
         store: Where outcomes are kept for deduplication (memory by default; use
             `saga.runtime.stores.SQLiteReplyStore` to survive restarts).
-        concurrency: Most commands handled at once (across sagas) by one run.
+        concurrency: Most commands handled at once (across sagas) by one run: the size of
+            its fixed pool of worker tasks, which take the sagas with commands in hand in
+            turn (`saga.runtime.inflight`). A command's budget runs while it waits for one.
         limits: Decoding bounds for incoming commands (`saga.core.codec.COMMAND_LIMITS` by
             default: commands are built by the coordinator from input it accepted, and nest
             it deeper than the foreign bound allows).
@@ -320,7 +321,6 @@ class Participant:
             partitions=partitions,
             observer=observer,
             clock=clock,
-            limiter=anyio.CapacityLimiter(self.concurrency),
             outcomes=Outcomes(
                 rules,
                 self.store,
@@ -393,7 +393,10 @@ class Participant:
                     flight = InFlight(
                         consumer,
                         d.clock,
-                        partial(self._handle, producer=producer, d=d),
+                        partial(self._handle, d=d),
+                        producer.send,
+                        # A fixed pool of this many worker tasks: no task or limiter per command.
+                        concurrency=self.concurrency,
                         grace=self.grace,
                         # Polling pauses at this many: memory stays bounded behind a hung saga.
                         max_in_flight=8 * self.concurrency,
@@ -412,14 +415,15 @@ class Participant:
 
     # -- handling ----------------------------------------------------------------------------
 
-    async def _handle(self, taken: Taken, *, producer: Producer, d: _Deployment) -> None:
-        async with d.limiter:
-            out, dead = await self._handle_record(taken, d)
-        await producer.send(out)
-        if dead is not None:  # counted once written: a resend would count twice
-            dead.log()
-            self.stats.dead_letters[dead.reason] += 1
-            d.observer.dead_lettered(dead.source_topic, dead.reason)
+    async def _handle(self, taken: Taken, *, d: _Deployment) -> Handled:
+        out, dead = await self._handle_record(taken, d)
+        # Counted once written (`InFlight` calls it then): a resend would count twice.
+        return out, None if dead is None else partial(self._dead_lettered, dead, d)
+
+    def _dead_lettered(self, dead: DeadLetter, d: _Deployment) -> None:
+        dead.log()
+        self.stats.dead_letters[dead.reason] += 1
+        d.observer.dead_lettered(dead.source_topic, dead.reason)
 
     async def _handle_record(
         self, taken: Taken, d: _Deployment

@@ -701,3 +701,97 @@ async def test_the_harness_still_drives_sagas_with_concurrent_participants() -> 
         ids = [await h.start("trip", {}) for _ in range(10)]
         states = [await h.run_until_done(i) for i in ids]
     assert {s.status for s in states} == {SagaStatus.COMPLETED}
+
+
+# -- The worker pool ---------------------------------------------------------------------------
+
+
+async def test_no_more_commands_run_at_once_than_the_participants_concurrency() -> None:
+    p = Participant("svc", concurrency=2)
+    running: set[str] = set()
+    peak = [0]
+    release: dict[str, anyio.Event] = {f"s-{i}": anyio.Event() for i in range(5)}
+
+    @p.handler("do")
+    async def do(payload: dict[str, Any], ctx: StepContext) -> None:
+        running.add(ctx.saga_id)
+        peak[0] = max(peak[0], len(running))
+        await release[ctx.saga_id].wait()
+        running.discard(ctx.saga_id)
+
+    broker = MemoryBroker(default_partitions=1)
+    async with one_partition(p, broker):
+        send(broker, *(command(f"s-{i}") for i in range(5)))
+        released: set[str] = set()
+        for expected in (2, 2, 2, 2, 1):  # each one released lets exactly one more in
+            await until(lambda n=expected: len(running) == n and not running & released)
+            released.add(min(running))
+            release[min(running)].set()
+        await replies(broker, 5)
+        await until(lambda: committed(broker) == 5)
+    assert peak[0] == 2
+    assert sorted(r.saga_id for r in replies_now(broker)) == [f"s-{i}" for i in range(5)]
+    assert all(r.ok for r in replies_now(broker))
+
+
+async def test_a_command_that_waited_out_its_budget_for_a_free_worker_expires() -> None:
+    p = Participant("svc", concurrency=1)
+    calls: list[str] = []
+
+    @p.handler("do")
+    async def do(payload: dict[str, Any], ctx: StepContext) -> None:
+        calls.append(ctx.saga_id)
+        if ctx.saga_id == "busy":
+            await anyio.sleep(0.6)  # the only worker: the other saga waits for it
+
+    broker = MemoryBroker(default_partitions=1)
+    async with one_partition(p, broker):
+        send(broker, command("busy", budget=5), command("waiting", budget=0.3))
+        busy = await reply_of(broker, "busy")
+        waiting = await reply_of(broker, "waiting")
+    assert busy.ok
+    assert waiting.error is not None
+    assert (waiting.error.type, waiting.error.business) == ("Expired", False)
+    assert calls == ["busy"]
+
+
+async def test_a_sagas_backlog_does_not_keep_a_worker_from_other_sagas() -> None:
+    p = Participant("svc", concurrency=1)
+    order: list[str] = []
+
+    @p.handler("do")
+    async def do(payload: dict[str, Any], ctx: StepContext) -> None:
+        order.append(f"{ctx.saga_id}/{ctx.step}")
+
+    broker = MemoryBroker(default_partitions=1)
+    async with one_partition(p, broker):
+        send(broker, command("a", "1"), command("a", "2"), command("a", "3"), command("b", "1"))
+        await replies(broker, 4)
+    # The only worker handles b/1 while a/1's reply is written, before a/2: a worker does not
+    # hold on to one saga until its backlog is done.
+    assert order.index("b/1") < order.index("a/2")
+    assert [s for s in order if s.startswith("a/")] == ["a/1", "a/2", "a/3"]
+    assert [f"{r.saga_id}/{r.step}" for r in replies_now(broker) if r.saga_id == "a"] == [
+        "a/1",
+        "a/2",
+        "a/3",
+    ]
+
+
+async def test_a_stop_finishes_what_waits_for_a_worker_within_the_grace_period() -> None:
+    p = Participant("svc", concurrency=1, grace=10)
+    started = anyio.Event()
+
+    @p.handler("do")
+    async def do(payload: dict[str, Any], ctx: StepContext) -> None:
+        started.set()
+        await anyio.sleep(0.05)
+
+    broker = MemoryBroker(default_partitions=1)
+    async with one_partition(p, broker):
+        send(broker, *(command(f"s-{i}") for i in range(4)))
+        await started.wait()
+        await until(lambda: p.stats.handled + p.stats.replayed >= 1)
+    # Stopped while three of them were still queued behind the only worker.
+    assert sorted(r.saga_id for r in replies_now(broker)) == [f"s-{i}" for i in range(4)]
+    assert committed(broker) == 4
