@@ -540,6 +540,34 @@ class KafkaTransport:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                 await consumer.stop()
 
+    @asynccontextmanager
+    async def tail(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[_KafkaTail]:
+        """A ``read_committed`` reader of the partitions of ``topic`` that ``starts`` names,
+        from those offsets on, in no consumer group: one consumer, assigned and kept open (an
+        offset the broker no longer holds reads from the earliest it does)."""
+        if any(o < 0 for o in starts.values()):
+            raise ValueError(f"tail of {topic}: offsets cannot be negative ({dict(starts)})")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            # Not aiokafka's "latest": a start that retention deleted would skip to the end.
+            auto_offset_reset="earliest",
+            client_id=f"{self.client_id}-tail",
+            fetch_max_wait_ms=50,  # as the group consumers': a follower's latency waits on it
+            **self._options,
+        )
+        await self._start(consumer, f"tail of {topic}", "Read")
+        try:
+            tps = {p: KafkaTP(topic, p) for p in sorted(starts)}
+            consumer.assign(list(tps.values()))
+            for p, tp in tps.items():
+                consumer.seek(tp, starts[p])
+            yield _KafkaTail(consumer, topic, tps, self.deadline, self.security.principal)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
+                await consumer.stop()
+
     # -- producing ---------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -598,9 +626,13 @@ class KafkaTransport:
         try:
             with anyio.fail_after(self.deadline):
                 await client.start()
-        except Exception as exc:  # see tx_producer: aiokafka does not only raise KafkaError here
+        except BaseException as exc:  # see tx_producer: aiokafka does not only raise KafkaError
+            # Stopped whatever ended the start, a cancellation too: a client left half started
+            # would leak its connections.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await _stop_quietly(client)
+            if not isinstance(exc, Exception):
+                raise
             raise await self._failure(exc, f"could not start the {what}", right) from exc
 
 
@@ -722,6 +754,59 @@ class _KafkaConsumer:
             raise _as_transport_error(
                 exc, "rewinding to the committed offsets failed", self._principal, "Describe"
             ) from exc
+
+
+class _KafkaTail:
+    """One group-less consumer assigned a topic's partitions (`KafkaTransport.tail`)."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        topic: str,
+        tps: Mapping[int, KafkaTP],
+        deadline: float,
+        principal: str,
+    ) -> None:
+        self._c = consumer
+        self._topic = topic
+        self._tps = dict(tps)
+        self._deadline = deadline
+        self._principal = principal
+
+    async def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+        try:
+            # getmany returns after ``timeout`` by itself; the deadline bounds what it may do
+            # beyond (aiokafka waits on its coordinator and metadata there).
+            with anyio.fail_after(timeout + self._deadline):
+                batches = await self._c.getmany(
+                    timeout_ms=int(timeout * 1000), max_records=max_records
+                )
+        except (KafkaError, TimeoutError) as exc:
+            raise self._error(exc, "poll") from exc
+        return [_record(m) for msgs in batches.values() for m in msgs]
+
+    async def end_offsets(self) -> dict[int, int]:
+        try:
+            with anyio.fail_after(self._deadline):
+                # The consumer reads read_committed, so aiokafka asks for the last stable ones.
+                ends = await self._c.end_offsets(list(self._tps.values()))
+        except (KafkaError, TimeoutError) as exc:
+            raise self._error(exc, "end offsets") from exc
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+    async def positions(self) -> dict[int, int]:
+        try:
+            with anyio.fail_after(self._deadline):
+                # At once for a position set by seek or by getmany (which moves it past control
+                # batches and aborted records); a position being reset waits for the reset.
+                return {p: int(await self._c.position(tp)) for p, tp in self._tps.items()}
+        except (KafkaError, TimeoutError) as exc:
+            raise self._error(exc, "positions") from exc
+
+    def _error(self, exc: BaseException, what: str) -> TransportError:
+        return _as_transport_error(
+            exc, f"tail of {self._topic}: {what} failed", self._principal, "Read"
+        )
 
 
 class _Flush:

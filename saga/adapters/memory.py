@@ -207,6 +207,55 @@ class _MemoryConsumer:
         self.broker.wake()
 
 
+class _MemoryTail:
+    """A group-less reader of some partitions of one topic (`MemoryTransport.tail`)."""
+
+    def __init__(self, broker: MemoryBroker, topic: str, starts: Mapping[int, int]) -> None:
+        parts = broker.ensure(topic)
+        missing = sorted(p for p in starts if not 0 <= p < len(parts))
+        if missing:
+            error = TransportError(f"{topic} has {len(parts)} partitions, not {missing}")
+            error.retriable = False
+            raise error
+        self.broker = broker
+        self.topic = topic
+        # A negative start reads from the beginning, as Kafka's earliest reset would.
+        self.next = {p: max(0, o) for p, o in sorted(starts.items())}
+        self._first = 0  # the partition the next poll begins with: in turns, so none starves
+
+    async def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+        deadline = anyio.current_time() + timeout
+        order = list(self.next)
+        while True:
+            parts = self.broker.ensure(self.topic)
+            out: list[Record] = []
+            turn = order[self._first :] + order[: self._first]
+            self._first = (self._first + 1) % max(1, len(order))
+            for p in turn:
+                pos = self.next[p]
+                take = parts[p][pos : pos + max_records - len(out)]
+                out.extend(take)
+                self.next[p] = pos + len(take)
+                if len(out) >= max_records:
+                    break
+            remaining = deadline - anyio.current_time()
+            if out or remaining <= 0:
+                # A checkpoint even with records at hand: a tail that always has some must
+                # not keep its caller's other tasks from running.
+                await anyio.lowlevel.checkpoint()
+                return out
+            await self.broker.wait_for_change(remaining)
+
+    async def end_offsets(self) -> dict[int, int]:
+        await anyio.lowlevel.checkpoint()
+        parts = self.broker.ensure(self.topic)
+        return {p: len(parts[p]) for p in self.next}
+
+    async def positions(self) -> dict[int, int]:
+        await anyio.lowlevel.checkpoint()
+        return dict(self.next)
+
+
 class _MemoryProducer:
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
@@ -290,6 +339,10 @@ class MemoryTransport:
     @asynccontextmanager
     async def tx_producer(self, transactional_id: str) -> AsyncIterator[_MemoryTxProducer]:
         yield _MemoryTxProducer(self.broker, transactional_id)
+
+    @asynccontextmanager
+    async def tail(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[_MemoryTail]:
+        yield _MemoryTail(self.broker, topic, starts)
 
     async def read(self, topic: str, partition: int, start: int = 0) -> AsyncIterator[Record]:
         log = self.broker.ensure(topic)[partition]

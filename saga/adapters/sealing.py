@@ -9,8 +9,9 @@ input and earlier outputs with templates; it holds the keys.
 `SealedTransport` wraps any transport (Kafka, memory). On the way out it parses each record's
 value and, if it is a JSON object, replaces every JSON object found under the keys ``input``,
 ``payload`` or ``output``, at any depth, by its sealed form (and does not look inside what it
-sealed); on the way in (``poll``, ``read``) it opens them again. Keys, headers and partitions
-are unchanged, and so the consumers' decoders, which see plaintext, are unchanged too.
+sealed); on the way in (``poll``, ``read``, a tail's ``poll``) it opens them again. Keys,
+headers and partitions are unchanged, and so the consumers' decoders, which see plaintext, are
+unchanged too.
 
 What is sealed, by message (field names from `saga.core.messages`, `saga.core.events` and
 `saga.core.state`):
@@ -88,6 +89,7 @@ from saga.runtime.ports import (
     Producer,
     RebalanceListener,
     Record,
+    Tail,
     TopicPartition,
     Transport,
     TxProducer,
@@ -480,6 +482,15 @@ class SealedTransport:
         async for record in self.inner.read(topic, partition, start):
             yield self.open_record(record)
 
+    def tail(self, topic: str, starts: Mapping[int, int]) -> AbstractAsyncContextManager[Tail]:
+        """A tail of the inner transport whose records arrive opened, as `read`'s do."""
+        return self._tail(topic, starts)
+
+    @asynccontextmanager
+    async def _tail(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[Tail]:
+        async with self.inner.tail(topic, starts) as tail:
+            yield _SealedTail(tail, self)
+
 
 def _transform(
     root: dict[str, Any],
@@ -538,6 +549,22 @@ class _SealedConsumer:
 
     async def seek_to_committed(self, partitions: frozenset[TopicPartition]) -> None:
         await self.inner.seek_to_committed(partitions)
+
+
+class _SealedTail:
+    def __init__(self, inner: Tail, sealing: SealedTransport) -> None:
+        self.inner = inner
+        self.sealing = sealing
+
+    async def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+        records = await self.inner.poll(timeout, max_records)
+        return [self.sealing.open_record(r) for r in records]
+
+    async def end_offsets(self) -> dict[int, int]:
+        return await self.inner.end_offsets()
+
+    async def positions(self) -> dict[int, int]:
+        return await self.inner.positions()
 
 
 class _SealedProducer:

@@ -3,20 +3,22 @@
 Theory of operation
 -------------------
 The projector joins no consumer group (like ``saga watch``: it needs every partition and no
-share of anyone's work). Every ``interval`` it makes a *pass*: it reads every partition of the
-snapshots and log topics, side by side, from the position it stored to the end now
-(`Transport.read`), in batches of up to ``batch`` records, each applied to the index in one
-transaction together with the positions after it. So it resumes where the last committed batch
-stopped, and a record is applied at most once per position; applying one again (a replay
-after a crash between Kafka and SQLite, or a rebuild over rows) changes nothing either, because
-a state replaces the indexed one only if its ``seq`` is greater, and an event is recorded once
-per ``(saga id, seq)``.
+share of anyone's work). It keeps one `Tail` per topic open (`Transport.tail`: one consumer on
+Kafka, assigned every partition of the topic and started from the positions the index stored),
+and a follower task per tail applies each batch the tail returns (up to ``batch`` records) to
+the index as soon as it lands, in one transaction together with the tail's positions after it.
+So it resumes where the last committed batch stopped, and a record is applied at most once per
+position; applying one again (a replay after a crash between Kafka and SQLite, or a rebuild over
+rows) changes nothing either, because a state replaces the indexed one only if its ``seq`` is
+greater, and an event is recorded once per ``(saga id, seq)``. The positions are the tail's,
+not the last record's plus one: on Kafka they move past transaction markers and aborted
+records, so that a caught-up index is at the log's end exactly.
 
 The states come from both topics, whichever is further: a snapshot replaces the indexed state
 if its ``seq`` is greater, and a log event newer than the indexed state is folded into it
-(`saga.core.state.evolve`); older ones are history only. Reading both side by side is safe for
-that reason: a saga whose first events were deleted from the log by retention still gets its
-state from its snapshot, and events after the snapshot are folded in. Every event also goes
+(`saga.core.state.evolve`); older ones are history only. Following both side by side is safe
+for that reason: a saga whose first events were deleted from the log by retention still gets
+its state from its snapshot, and events after the snapshot are folded in. Every event also goes
 into the history. A snapshot tombstone (the coordinator's retention dropping a finished saga)
 does not delete the saga from the index: the index is where finished sagas stay visible.
 
@@ -26,18 +28,23 @@ counted and shown by ``saga index status``, and never stops the projector. A sea
 that could not be opened is still used (its state, sealed fields and all): its status is worth
 having.
 
-Lag: each checkpoint on the snapshots topic carries its log partition's end as of the
-coordinator's previous transaction, and each pass reads every log partition to its end; the end
-is the greater of the two, so during a long catch-up the lag counts down what the checkpoints
-announced, and after a pass it is what arrived since.
+Passes and lag: a *pass* (`Projector.catch_up`) asks the tails for their end offsets (the last
+stable offsets: what ``read_committed`` can reach), stores the log's as the ends the lag is
+measured against, and waits until the followers' positions reach them; then it records the
+look (``looked_at``). While running, a pass is made every ``interval``: it costs two offset
+requests and, when idle, one small write; the records themselves never wait for it. So the lag
+is the true distance to the log's end as of the last look, and a catch-up counts it down from
+its first look.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -58,7 +65,15 @@ from saga.core.replay import is_saga_key
 from saga.core.state import SagaState, evolve
 from saga.errors import ConfigurationError, DecodeError, IllegalTransition, TransportError
 from saga.index.port import BadRecord, Change, HistoryEntry, IndexWriter, SagaRow
-from saga.runtime.ports import UNSEALED_HEADER, Clock, Record, SystemClock, Topics, Transport
+from saga.runtime.ports import (
+    UNSEALED_HEADER,
+    Clock,
+    Record,
+    SystemClock,
+    Tail,
+    Topics,
+    Transport,
+)
 
 if TYPE_CHECKING:
     from saga.adapters.sealing import PayloadCodec
@@ -68,7 +83,12 @@ __all__ = ["Projection", "Projector", "ProjectorStats", "rebuild_index", "run_pr
 log = logging.getLogger("saga.index")
 
 DEFAULT_INTERVAL = 0.25
-"""Seconds between passes once caught up: the live console's latency, at most."""
+"""Seconds between passes (looks at the log's end) once caught up: how fresh the lag and the
+last look are. Records do not wait for it: each batch is applied as it arrives."""
+
+FOLLOW_WAIT = 0.1
+"""Seconds a follower's poll waits for records, at most, before it looks at its tail's
+positions again (they move past transaction markers without a record to show for it)."""
 
 DEFAULT_BATCH = 2000
 """Records per transaction."""
@@ -90,6 +110,9 @@ class ProjectorStats:
     """Records that could not be used."""
     seconds: float = 0.0
     """Time spent in passes."""
+    tails: int = 0
+    """Tails opened (one per topic each time the projector opens them): 2 for a projector that
+    ran without losing the broker; more after reopening them."""
 
     @property
     def sagas_per_second(self) -> float:
@@ -134,7 +157,7 @@ class Projection:
             self._cache.popitem(last=False)
 
     def snapshots(self, records: Sequence[Record], at: float) -> Change:
-        """The change a batch of snapshot records makes (one partition's, in offset order)."""
+        """The change a batch of snapshot records makes (in offset order per partition)."""
         change = Change(at=at)
         latest: dict[str, tuple[Record, dict[str, Any]]] = {}
         if records:
@@ -151,9 +174,7 @@ class Projection:
                 change.bad.append(_bad(record, f"undecodable snapshot: {exc}"))
                 continue
             if isinstance(item, Checkpoint):
-                ends = change.log_ends
-                ends[item.partition] = max(ends.get(item.partition, 0), item.log_offset)
-                continue
+                continue  # the log's ends come from the broker (`Tail.end_offsets`)
             if not is_saga_key(record.key) or record.key != item.saga_id.encode():
                 change.bad.append(_bad(record, f"a snapshot of {item.saga_id!r} under this key"))
                 continue
@@ -177,7 +198,7 @@ class Projection:
         return change
 
     def log(self, records: Sequence[Record], at: float) -> Change:
-        """The change a batch of log records makes (one partition's, in offset order)."""
+        """The change a batch of log records makes (in offset order per partition)."""
         change = Change(at=at)
         decoded: list[tuple[Record, EventBase]] = []
         event: EventBase
@@ -242,6 +263,10 @@ def _bad(record: Record, reason: str) -> BadRecord:
 class Projector:
     """Keeps an index up to date with one prefix's topics (see the module docstring).
 
+    `run` follows the topics until cancelled. `catch_up` makes one pass; outside `run` it opens
+    the tails for the pass only, unless the projector is entered (``async with projector:``),
+    which keeps them open, and their followers applying, until it is left.
+
     Args:
         transport: The broker; give it already sealing (`saga.adapters.sealing.SealedTransport`)
             or pass ``codec``.
@@ -249,7 +274,7 @@ class Projector:
         codec: Opens sealed payloads (`saga.adapters.sealing.PayloadCodec`); ``None``: the
             records are indexed as the transport delivers them.
         interval: Seconds between passes once caught up.
-        batch: Records per transaction.
+        batch: Records per transaction, at most.
         clock: Where ``updated_at`` and the last look's time come from.
     """
 
@@ -278,6 +303,11 @@ class Projector:
         self._positions: dict[tuple[str, int], int] | None = None
         self._generation: int | None = None
         self._changed = anyio.Event()
+        self._advanced = anyio.Event()  # set (and renewed) whenever the positions move
+        self._writing = anyio.Lock()  # one writer: the projection's cache, then the index
+        self._opening = anyio.Lock()
+        self._tails: dict[str, Tail] | None = None  # while the tails are open
+        self._entered: list[AbstractAsyncContextManager[None]] = []
 
     @property
     def generation(self) -> int:
@@ -286,16 +316,38 @@ class Projector:
 
     async def changed(self, after: int, timeout: float | None = None) -> int:
         """Waits until the generation is past ``after`` (or ``timeout`` seconds passed) and
-        returns it: the console's live updates wait on this."""
+        returns it: the console's live updates wait on this. It moves as soon as a batch that
+        changed something was applied."""
         with anyio.move_on_after(timeout):
             while self.generation <= after:
                 await self._changed.wait()
         return self.generation
 
+    async def __aenter__(self) -> Projector:
+        """Opens the tails and starts following them (the index is applied to as records
+        come) until the projector is left."""
+        following = self._following()
+        await following.__aenter__()
+        self._entered.append(following)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stops following and closes the tails."""
+        return await self._entered.pop().__aexit__(kind, exc, tb)
+
     async def _write(self, change: Change) -> None:
+        """Writes ``change`` (the caller holds ``_writing``)."""
         generation = await anyio.to_thread.run_sync(self.index.write, change)
         assert self._positions is not None
-        self._positions.update(change.positions)
+        if change.positions:
+            self._positions.update(change.positions)
+            self._advanced.set()
+            self._advanced = anyio.Event()
         self.stats.bad += len(change.bad)
         self.stats.events += len(change.events)
         self.stats.rows_written += len(change.rows)
@@ -305,93 +357,138 @@ class Projector:
             self._changed.set()
             self._changed = anyio.Event()
 
-    async def catch_up(self) -> ProjectorStats:
-        """One pass: every partition of the snapshots and the log, read to its end and
-        applied. Returns the running totals."""
-        began = anyio.current_time()
+    async def _load(self) -> None:
         if self._positions is None:
             self._positions = await anyio.to_thread.run_sync(self.index.positions)
             self._generation = await anyio.to_thread.run_sync(self.index.write, Change())
-        ends: dict[int, int] = {}
-        counts = {
-            topic: await self.transport.partitions(topic)
-            for topic in (self.topics.snapshots, self.topics.log)
-        }
-        # Every partition of both topics is read at once (on Kafka each read opens a consumer,
-        # and waiting for each in turn would be most of a pass): the fold does not need the
-        # snapshots first, since a state only ever replaces an older one (module docstring).
-        send, receive = anyio.create_memory_object_stream[list[Record]](max_buffer_size=4)
-        async with anyio.create_task_group() as tg:
-            for topic, count in counts.items():
-                for p in range(count):
-                    tg.start_soon(self._read, topic, p, send.clone())
-            send.close()
-            async with receive:
-                async for records in receive:
-                    self.stats.records += len(records)
-                    project = (
-                        self.projection.log
-                        if records[0].topic == self.topics.log
-                        else self.projection.snapshots
+
+    @asynccontextmanager
+    async def _following(self) -> AsyncIterator[None]:
+        """The tails open and their followers running, for as long as it is held (held already,
+        by `run` or ``async with``: nothing more is opened). A follower's failure cancels the
+        holder and is raised from here."""
+        await self._opening.acquire()
+        if self._tails is not None:
+            self._opening.release()
+            yield
+            return
+        held = False
+        try:
+            await self._load()
+            assert self._positions is not None
+            async with AsyncExitStack() as stack:
+                tails: dict[str, Tail] = {}
+                for topic in (self.topics.snapshots, self.topics.log):
+                    count = await self.transport.partitions(topic)
+                    starts = {p: self._positions.get((topic, p), 0) for p in range(count)}
+                    tails[topic] = await stack.enter_async_context(
+                        self.transport.tail(topic, starts)
                     )
+                    self.stats.tails += 1
+                async with anyio.create_task_group() as tg:
+                    for topic, tail in tails.items():
+                        tg.start_soon(self._follow, topic, tail)
+                    self._tails = tails
+                    self._opening.release()
+                    held = True
+                    try:
+                        yield
+                    finally:
+                        self._tails = None
+                        self._advanced.set()  # a pass waiting on these tails: they are gone
+                        self._advanced = anyio.Event()
+                        tg.cancel_scope.cancel()
+        finally:
+            if not held:
+                self._opening.release()
+
+    async def _follow(self, topic: str, tail: Tail) -> None:
+        """Applies each batch ``tail`` returns, with the tail's positions after it."""
+        project = self.projection.log if topic == self.topics.log else self.projection.snapshots
+        wait = min(self.interval, FOLLOW_WAIT)
+        while True:
+            records = await tail.poll(wait, self.batch)
+            at = await tail.positions()
+            assert self._positions is not None
+            moved = {(topic, p): o for p, o in at.items() if self._positions.get((topic, p)) != o}
+            if not records and not moved:
+                continue
+            # One batch at a time, of either topic: the projection's cache and the index's
+            # writer are not for two threads at once.
+            async with self._writing:
+                if records:
+                    self.stats.records += len(records)
                     change = await anyio.to_thread.run_sync(project, records, self.clock.now())
-                    for p, end in change.log_ends.items():
-                        ends[p] = max(ends.get(p, 0), end)
-                    await self._write(change)
-        # Each log partition was read to its end as of this pass: the end is at least there.
-        for p in range(counts[self.topics.log]):
-            ends[p] = max(ends.get(p, 0), self._positions.get((self.topics.log, p), 0))
-        await self._write(Change(log_ends=ends, at=self.clock.now(), caught_up=True))
+                else:
+                    change = Change()  # only markers passed over: the positions move anyway
+                change.positions.update(moved)
+                await self._write(change)
+
+    def _reached(self, ends: dict[str, dict[int, int]]) -> bool:
+        assert self._positions is not None
+        return all(
+            self._positions.get((topic, p), 0) >= end
+            for topic, partitions in ends.items()
+            for p, end in partitions.items()
+        )
+
+    async def catch_up(self) -> ProjectorStats:
+        """One pass: the end offsets of every partition of the snapshots and the log, as of
+        now, reached and applied (and the log's recorded as the ends the lag is measured
+        against). Returns the running totals."""
+        began = anyio.current_time()
+        async with self._following():
+            tails = self._tails
+            assert tails is not None
+            ends = {topic: await tail.end_offsets() for topic, tail in tails.items()}
+            log_ends = ends[self.topics.log]
+            if not self._reached(ends):
+                # The lag, at once: during a long catch-up it counts down from here.
+                async with self._writing:
+                    await self._write(Change(log_ends=log_ends))
+                while not self._reached(ends):
+                    await self._advanced.wait()
+                    if self._tails is not tails:
+                        # Held by `run`, whose tails closed: the broker failed, or it stopped.
+                        raise TransportError("saga index: the tails closed during a pass")
+            async with self._writing:
+                await self._write(Change(log_ends=log_ends, at=self.clock.now(), caught_up=True))
         self.stats.passes += 1
         self.stats.seconds += anyio.current_time() - began
         return self.stats
 
-    async def _read(
-        self, topic: str, partition: int, send: anyio.abc.ObjectSendStream[list[Record]]
-    ) -> None:
-        assert self._positions is not None
-        start = self._positions.get((topic, partition), 0)
-        async with send:
-            records = self.transport.read(topic, partition, start)
-            try:
-                chunk: list[Record] = []
-                async for record in records:
-                    chunk.append(record)
-                    if len(chunk) >= self.batch:
-                        await send.send(chunk)
-                        chunk = []
-                if chunk:
-                    await send.send(chunk)
-            finally:
-                # Cancelled mid-read (the projector stopped): the reader's consumer is closed
-                # now, not by the garbage collector.
-                close = getattr(records, "aclose", None)
-                if close is not None:
-                    with anyio.CancelScope(shield=True):
-                        await close()
-
     async def run(self, *, task_status: TaskStatus[Projector] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Makes passes forever; reports started (with itself) once the first has caught up.
+        """Follows the topics forever, with a pass every ``interval``; reports started (with
+        itself) once the first pass has caught up.
 
-        A pass that fails on the broker (an outage: `TransportError` with ``retriable``) is
-        tried again, every few seconds at most, so that a broker restart does not stop the
-        process the projector runs in (``saga serve``); the index just falls behind, and its
-        last look ages. Any other error propagates.
+        When the broker fails (an outage: `TransportError` with ``retriable``, from a tail or a
+        pass) the tails are closed and opened again, every few seconds at most, so that a
+        broker restart does not stop the process the projector runs in (``saga serve``); the
+        index just falls behind, and its last look ages. Any other error propagates, as does
+        any error before the first pass caught up.
         """
-        await self.catch_up()
-        task_status.started(self)
+        started = False
         pause = self.interval
         while True:
-            await anyio.sleep(pause)
             try:
-                await self.catch_up()
-            except Exception as exc:  # the readers' task group wraps what they raise
-                if not _retriable(exc):
+                async with self._following():
+                    while True:
+                        await self.catch_up()
+                        if not started:
+                            task_status.started(self)
+                            started = True
+                        pause = self.interval
+                        await anyio.sleep(self.interval)
+            except Exception as exc:  # the followers' task group wraps what they raise
+                if not started or not _retriable(exc):
                     raise
                 pause = min(max(pause * 2, 0.5), 5.0)
-                log.warning("saga index: a pass failed (%s); trying again in %.1f s", exc, pause)
-                continue
-            pause = self.interval
+                log.warning(
+                    "saga index: the broker failed (%s); opening the tails again in %.1f s",
+                    exc,
+                    pause,
+                )
+            await anyio.sleep(pause)
 
 
 def _retriable(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "RebalanceListener",
     "Record",
     "SystemClock",
+    "Tail",
     "TopicPartition",
     "Topics",
     "Transport",
@@ -234,6 +235,28 @@ class TxProducer(Protocol):
         ...
 
 
+class Tail(Protocol):
+    """A long-lived ``read_committed`` reader of some partitions of one topic, in no consumer
+    group (`Transport.tail`): it follows them from given offsets for as long as it is open."""
+
+    async def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+        """The next committed records of the tailed partitions (in offset order per partition),
+        waiting up to ``timeout`` seconds for some; ``[]`` if none came."""
+        ...
+
+    async def end_offsets(self) -> dict[int, int]:
+        """Per tailed partition, its last stable offset now: the end that ``read_committed``
+        can reach (past the last decided transaction's markers; an open transaction holds it
+        back)."""
+        ...
+
+    async def positions(self) -> dict[int, int]:
+        """Per tailed partition, the offset the next poll reads from: past every record
+        returned and past what ``read_committed`` passes over (transaction markers, aborted
+        records), so that it equals `end_offsets` once everything was read."""
+        ...
+
+
 class Transport(Protocol):
     """A Kafka-shaped broker."""
 
@@ -270,4 +293,10 @@ class Transport(Protocol):
 
     def read(self, topic: str, partition: int, start: int = 0) -> AsyncIterator[Record]:
         """Reads committed records of one partition from ``start`` to its current end."""
+        ...
+
+    def tail(self, topic: str, starts: Mapping[int, int]) -> AbstractAsyncContextManager[Tail]:
+        """A `Tail` of the partitions of ``topic`` that ``starts`` names, each read from its
+        offset there (an offset below what the broker still holds reads from the earliest
+        it holds), until it is closed."""
         ...

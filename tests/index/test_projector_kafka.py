@@ -1,4 +1,5 @@
-"""The projector on the real broker: real sagas, indexed live, rebuilt, resumed, sealed.
+"""The projector on the real broker: real sagas, indexed live, rebuilt, resumed, sealed,
+followed through one tail per topic.
 
 A coordinator and the views' sample services run in this process on Kafka under a fresh prefix
 (as in tests/views/test_cli_kafka.py); the index is checked against what the engine itself
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from saga.adapters.kafka import KafkaTransport
 from saga.adapters.sealing import SealedTransport, load_data_keys, new_data_key_file
 from saga.errors import TransportError
 from saga.index import Projector, SagaQuery, SqliteSagaIndex, rebuild_index, run_projector
-from saga.runtime.ports import Outgoing, Record, Topics
+from saga.runtime.ports import Outgoing, Record, Tail, Topics, Transport
 from tests.index.support import ORDERS, engine, run_orders
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.timeout(240)]
@@ -156,25 +158,51 @@ async def test_a_sealed_log_is_opened_with_the_keys(bootstrap: str, tmp_path: Pa
 
 
 class Outage:
-    """The real transport, except that reads fail (as in a broker outage) while ``down``."""
+    """The real transport, except that its tails fail (as in a broker outage) while ``down``:
+    opening one, and every call on an open one."""
 
     def __init__(self, inner: KafkaTransport) -> None:
         self.inner = inner
         self.down = False
         self.failed = 0
+        self.opened = 0
         self.failing = anyio.Event()
-        """Set once reads have failed a few times: the projector met the outage."""
+        """Set once tails have failed a few times: the projector met the outage."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def read(self, topic: str, partition: int, start: int = 0) -> AsyncIterator[Record]:
+    def _check(self, what: str) -> None:
         if self.down:
             self.failed += 1
             if self.failed >= 3:
                 self.failing.set()
-            raise TransportError(f"reading {topic}/{partition} failed: the broker is away")
-        return self.inner.read(topic, partition, start)
+            raise TransportError(f"{what} failed: the broker is away")
+
+    @asynccontextmanager
+    async def tail(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[Tail]:
+        self._check(f"opening a tail of {topic}")
+        async with self.inner.tail(topic, starts) as tail:
+            self.opened += 1
+            yield _FailingTail(tail, self)
+
+
+class _FailingTail:
+    def __init__(self, inner: Tail, outage: Outage) -> None:
+        self.inner = inner
+        self.outage = outage
+
+    async def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+        self.outage._check("poll")
+        return await self.inner.poll(timeout, max_records)
+
+    async def end_offsets(self) -> dict[int, int]:
+        self.outage._check("end offsets")
+        return await self.inner.end_offsets()
+
+    async def positions(self) -> dict[int, int]:
+        self.outage._check("positions")
+        return await self.inner.positions()
 
 
 async def test_a_broker_outage_does_not_stop_the_projector(bootstrap: str, tmp_path: Path) -> None:
@@ -195,5 +223,60 @@ async def test_a_broker_outage_does_not_stop_the_projector(bootstrap: str, tmp_p
         assert index.get(second) is None
         flaky.down = False
         await until_indexed(projector, index, [second])
+        assert flaky.opened > 2  # the tails were opened again after the outage
+        assert projector.stats.tails == flaky.opened
+        tg.cancel_scope.cancel()
+    index.close()
+
+
+class CountingTails:
+    """The real transport, counting the tails opened and the partition reads made."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.tails = 0
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def tail(self, topic: str, starts: Mapping[int, int]) -> Any:
+        self.tails += 1
+        return self.inner.tail(topic, starts)
+
+    def read(self, topic: str, partition: int, start: int = 0) -> AsyncIterator[Record]:
+        self.reads += 1
+        return self.inner.read(topic, partition, start)
+
+
+async def test_sagas_are_indexed_as_they_complete_without_a_pass_or_a_new_consumer(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """Live lag in passes, not seconds: with a pass only every ten minutes, sagas that complete
+    are indexed within no pass at all, through the two tails opened at the start."""
+    prefix = f"index-live-{uuid.uuid4().hex[:8]}"
+    transport = KafkaTransport(bootstrap, deadline=20)
+    counting = CountingTails(transport)
+    index = SqliteSagaIndex(tmp_path / "i.sqlite3", prefix=prefix)
+    async with engine(transport, prefix) as coordinator, anyio.create_task_group() as tg:
+        projector: Projector = await tg.start(
+            functools.partial(run_projector, counting, prefix, index, interval=600)
+        )
+        assert projector.stats.passes == 1
+        for _ in range(3):
+            ids = await run_orders(coordinator, prefix, ["ok", "refused", "plain"])
+            await until_indexed(projector, index, ids)
+            lag = index.lag()  # as of the first pass: the ends it saw, all passed by now
+            assert lag.total == 0
+        assert projector.stats.passes == 1  # no pass since the first: the followers did it
+        assert counting.tails == 2  # one per topic, never reopened
+        assert projector.stats.tails == 2
+        assert counting.reads == 0
+        # A pass now sees the true ends, and nothing is behind them.
+        await projector.catch_up()
+        assert index.lag().total == 0
+        ends = index.lag().behind.keys()
+        assert ends == {0, 1}
+        assert index.counts() == {"completed": 6, "compensated": 3}
         tg.cancel_scope.cancel()
     index.close()
