@@ -33,7 +33,7 @@ import anyio
 
 from bench.perf.app import CALLS, participant_for, sagas
 from saga import Coordinator
-from saga.adapters.kafka import KafkaTransport
+from saga.adapters.clients import kafka_transport
 from saga.runtime.logs import configure_logging
 from saga.runtime.observe import Observer
 from saga.runtime.trust import Trust
@@ -74,7 +74,7 @@ async def run_coordinator(args: argparse.Namespace) -> None:
     observer = _observer(args.tracing, "perf-coordinator")
     coordinator = Coordinator(
         sagas,
-        transport=KafkaTransport(args.bootstrap, instance_id=args.instance_id),
+        transport=kafka_transport(args.bootstrap, instance_id=args.instance_id),
         prefix=args.prefix,
         partitions=args.partitions,
         observer=observer,
@@ -88,7 +88,7 @@ async def run_coordinator(args: argparse.Namespace) -> None:
 
 async def run_participants(args: argparse.Namespace) -> None:
     """Serves the given services' participants until signalled; then writes the calls."""
-    transport = KafkaTransport(args.bootstrap, instance_id=args.instance_id)
+    transport = kafka_transport(args.bootstrap, instance_id=args.instance_id)
     services = [s for s in args.services.split(",") if s]
     observer = _observer(args.tracing, f"perf-{'+'.join(services)}")
     trust = Trust.from_env()

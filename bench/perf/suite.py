@@ -34,6 +34,9 @@ def machine() -> dict[str, Any]:
 
     found = soak_machine()
     found.pop("matplotlib", None)
+    from saga.adapters.clients import client_from_env
+
+    found["kafka_client"] = client_from_env()  # the engine's processes' (SAGA_KAFKA_CLIENT)
     with contextlib.suppress(OSError):
         found["load_average_at_start"] = [round(x, 2) for x in __import__("os").getloadavg()]
     return found
