@@ -777,9 +777,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax_held = ax_done.twinx()
         # NaN while the coordinator is down breaks the line there.
         values = [float("nan") if r["held"] is None else r["held"] for r in rows]
-        ax_held.plot(
-            minutes(rows), values, color="tab:purple", lw=1, label="sagas held in memory"
-        )
+        ax_held.plot(minutes(rows), values, color="tab:purple", lw=1, label="sagas held in memory")
         ax_held.set_ylabel("sagas held in memory")
         ax_held.set_ylim(0, max(held) * 1.3 + 1)
         ax_held.legend(loc="lower right", fontsize=8)

@@ -8,15 +8,6 @@ for unit tests. See README.md for a tour.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from saga.core.definition import (
-    Dependency,
-    DependencyType,
-    RetryPolicy,
-    SagaDefinition,
-    Step,
-    StepKind,
-)
-from saga.core.state import SagaState, SagaStatus, StepState, StepStatus
 from saga.errors import (
     DecodeError,
     DefinitionError,
@@ -33,14 +24,35 @@ from saga.errors import (
 )
 
 if TYPE_CHECKING:
+    from saga.core.definition import (
+        Dependency,
+        DependencyType,
+        RetryPolicy,
+        SagaDefinition,
+        Step,
+        StepKind,
+    )
+    from saga.core.state import SagaState, SagaStatus, StepState, StepStatus
     from saga.runtime.client import SagaClient
     from saga.runtime.coordinator import Coordinator
     from saga.runtime.participant import Participant, StepContext
     from saga.runtime.stores import MemoryReplyStore, SQLiteReplyStore
 
-# The runtime's names load on first use (PEP 562), so that importing the pure core, or a
-# definitions module, does not import anyio and the runtime with it.
-_RUNTIME = {
+# Every name but the errors loads on first use (PEP 562). Importing any `saga.*` module runs
+# this file first, so what it imported eagerly every process paid for: the pydantic models of
+# the core (half a second of a command's start on a loaded machine) for `saga --help` or a
+# command that never touches a definition, and the runtime (anyio) for the pure core.
+_LAZY = {
+    "Dependency": "saga.core.definition",
+    "DependencyType": "saga.core.definition",
+    "RetryPolicy": "saga.core.definition",
+    "SagaDefinition": "saga.core.definition",
+    "Step": "saga.core.definition",
+    "StepKind": "saga.core.definition",
+    "SagaState": "saga.core.state",
+    "SagaStatus": "saga.core.state",
+    "StepState": "saga.core.state",
+    "StepStatus": "saga.core.state",
     "SagaClient": "saga.runtime.client",
     "Coordinator": "saga.runtime.coordinator",
     "Participant": "saga.runtime.participant",
@@ -51,10 +63,16 @@ _RUNTIME = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _RUNTIME.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'saga' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -8,19 +8,24 @@ The commands live by family: `saga.cli.serve` (coordinator, participant), `saga.
 (start, status, list), `saga.cli.operate` (cancel, retry, resolve), `saga.cli.inspect`
 (replay, watch, timeline, rebuild, graph, trace), `saga.cli.keys` (keys, policy),
 `saga.cli.deploy` (deploy, definitions, verify), `saga.cli.index` (index rebuild, status,
-serve), `saga.cli.contract` (contract); `saga.cli.common` holds what they share.
+serve), `saga.cli.contract` (contract), `saga.cli.server` (serve: the HTTP API and the
+console); `saga.cli.common` holds what they share.
 Each adds its subcommands with a ``handler``; this module parses and dispatches.
+
+A command imports only its own family (`FAMILIES`), and each family imports what its handlers
+need when they run, so that ``saga coordinator`` starts without the console's, the contract's or
+the index's libraries: a coordinator restarted after a crash is back the sooner.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anyio
 
-from saga.cli import contract, deploy, index, inspect, keys, operate, sagas, serve
 from saga.cli.common import CliError, Handler, common_options, load_app
 from saga.errors import (
     ConfigurationError,
@@ -33,7 +38,21 @@ from saga.errors import (
     UnknownSaga,
 )
 
-__all__ = ["load_app", "main"]
+__all__ = ["FAMILIES", "build_parser", "load_app", "main"]
+
+FAMILIES: Mapping[str, tuple[str, ...]] = {
+    "saga.cli.serve": ("coordinator", "participant"),
+    "saga.cli.sagas": ("start", "status", "list"),
+    "saga.cli.index": ("index",),
+    "saga.cli.operate": ("cancel", "retry", "resolve", "signal", "approve", "reject"),
+    "saga.cli.inspect": ("replay", "rebuild", "timeline", "watch", "trace", "graph"),
+    "saga.cli.keys": ("keys", "policy"),
+    "saga.cli.deploy": ("deploy", "definitions", "verify"),
+    "saga.cli.contract": ("contract",),
+    "saga.cli.server": ("serve",),
+}
+"""The modules of the commands, in the order ``saga --help`` lists them, with the commands each
+adds (tests/views/test_startup_imports.py checks that they add exactly these)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    args = _parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     from saga.runtime.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
@@ -61,13 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``saga`` parser, for the arguments ``argv``: with only the family of the command
+    they name (the only modules of the commands a run imports), else with every family
+    (``saga --help``, a mistyped command)."""
+    first = argv[0] if argv else None
+    wanted = [m for m, commands in FAMILIES.items() if first in commands] or list(FAMILIES)
     common = common_options()
-    parser = argparse.ArgumentParser(prog="saga", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (serve, sagas, index, operate, inspect, keys, deploy, contract):
-        family.add_commands(sub, common)
-    return parser
+    top = argparse.ArgumentParser(prog="saga", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in wanted:
+        importlib.import_module(module).add_commands(sub, common)
+    return top
 
 
 async def _dispatch(args: argparse.Namespace) -> int:

@@ -13,23 +13,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
-from rich.console import Console, RenderableType
 
 from saga.adapters.kafka_settings import ENV, KafkaSecurity, KafkaSettingsError, Mechanism
 from saga.adapters.kafka_settings import SecurityProtocol as _Protocol
-from saga.cli import render
-from saga.core.definition import SagaDefinition
-from saga.core.state import SagaState, SagaStatus
 from saga.errors import SagaTimeout
 
+# What only some commands use is imported where they use it (`rich` and the text views for the
+# output, the core's models for an app): `saga coordinator` starts without them.
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from saga.adapters.kafka import KafkaTransport
+    from saga.core.definition import SagaDefinition
+    from saga.core.state import SagaState, SagaStatus
     from saga.runtime.client import SagaClient
     from saga.runtime.ports import Transport
     from saga.runtime.trust import Role, Trust
 
 __all__ = [
     "DEFAULT_BOOTSTRAP",
+    "PAYLOAD_KEYS_VAR",
     "CliError",
     "Handler",
     "client",
@@ -48,6 +51,10 @@ __all__ = [
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 """Where ``make kafka-up`` serves Kafka; ``--bootstrap-servers`` when it is not given."""
+
+PAYLOAD_KEYS_VAR = "SAGA_PAYLOAD_KEYS"
+"""`saga.adapters.sealing.ENV_VAR`, named here so that a process without payload keys need not
+import the sealing adapter (and `cryptography`) to learn that it has none."""
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 """A command: runs with the parsed arguments and returns the exit status."""
@@ -304,6 +311,8 @@ def definitions(spec: str) -> list[SagaDefinition]:
     Raises:
         CliError: It names something else.
     """
+    from saga.core.definition import SagaDefinition
+
     value = load_app(spec)
     if isinstance(value, SagaDefinition):
         return [value]
@@ -340,10 +349,12 @@ def sealed(args: argparse.Namespace, inner: Transport) -> Transport:
     Raises:
         CliError: The key file cannot be used (missing, readable by others, malformed).
     """
+    path = getattr(args, "payload_keys", None)
+    if not path and not os.environ.get(PAYLOAD_KEYS_VAR, "").strip():
+        return inner  # as `codec_from_env` finds, without loading `cryptography` to find it
     from saga.adapters.sealing import KeyFileError, SealedTransport, codec_from_env, load_data_keys
 
     try:
-        path = getattr(args, "payload_keys", None)
         codec = load_data_keys(path) if path else codec_from_env()
     except KeyFileError as exc:
         raise CliError(f"--payload-keys / $SAGA_PAYLOAD_KEYS: {exc}") from None
@@ -389,6 +400,8 @@ async def wait_final(c: SagaClient, saga_id: str, seconds: float, *, after: int 
 def show_final(args: argparse.Namespace, state: SagaState, ends_well: frozenset[SagaStatus]) -> int:
     """Prints a saga's final state and returns the exit status: 0 if it is one of
     ``ends_well``, else 3 (the command worked, but the saga did not end as it asked for)."""
+    from saga.cli import render
+
     out(args, state.model_dump(mode="json"), render.status(state), render.status_view(state))
     return 0 if state.status in ends_well else 3
 
@@ -399,6 +412,8 @@ def out(args: argparse.Namespace, data: Any, text: str, view: RenderableType | N
     if args.json:
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif view is not None and _isatty():
+        from rich.console import Console
+
         Console(highlight=False).print(view)
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from saga.cli.common import CliError, out
-from saga.contract import stale, write
 
 __all__ = ["add_commands"]
 
@@ -40,6 +39,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 async def _contract(args: argparse.Namespace) -> int:
+    # Here, not at the top: the generators (pydantic's schemas of every message, the AsyncAPI
+    # document) are for this command only, and the other commands of the CLI should not load them.
+    from saga.contract import stale, write
+
     target = Path(args.out)
     if args.check:
         problems = stale(target)

@@ -17,14 +17,15 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from saga.cli.common import CliError, client, definitions, out
-from saga.core.definition import SagaDefinition
-from saga.core.state import SagaState, SagaStatus
-from saga.core.verify import Divergence, verify
-from saga.runtime.catalog import Catalog
-from saga.runtime.definitions import DefinitionStore, Published, published_digests
 
+# The engine's modules are imported by the handlers that use them: the other commands of the
+# CLI (`saga coordinator` first) do not load this family's.
 if TYPE_CHECKING:
+    from saga.core.definition import SagaDefinition
+    from saga.core.state import SagaState
+    from saga.runtime.catalog import Catalog
     from saga.runtime.client import SagaClient
+    from saga.runtime.definitions import Published
 
 __all__ = ["add_commands"]
 
@@ -59,6 +60,8 @@ def _label(d: SagaDefinition, digest: str | None = None) -> str:
 
 
 async def _deploy(args: argparse.Namespace) -> int:
+    from saga.runtime.definitions import DefinitionStore
+
     found = definitions(args.app)
     async with client(args) as c:
         store = DefinitionStore(c.transport, c.topics)
@@ -80,6 +83,8 @@ def _in_flight(state: SagaState) -> bool:
 
 
 async def _definitions(args: argparse.Namespace) -> int:
+    from saga.runtime.definitions import DefinitionStore
+
     async with client(args) as c:
         store = DefinitionStore(c.transport, c.topics)
         await store.ensure_topic()
@@ -110,6 +115,10 @@ async def _definitions(args: argparse.Namespace) -> int:
 
 
 async def _verify(args: argparse.Namespace) -> int:
+    from saga.core.state import SagaStatus
+    from saga.runtime.catalog import Catalog
+    from saga.runtime.definitions import DefinitionStore, published_digests
+
     if args.sample < 0:
         raise CliError(f"--sample {args.sample}: give 0 or more")
     new = Catalog(definitions(args.app))
@@ -156,6 +165,8 @@ async def _check(
 ) -> dict[str, Any]:
     target = new.latest[state.name]
     before = old.for_state(state)
+    from saga.core.verify import Divergence, verify
+
     report: dict[str, Any] = {
         "saga_id": state.saga_id,
         "name": state.name,

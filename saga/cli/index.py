@@ -14,13 +14,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from saga.cli.common import CliError, kafka_transport, out, sealed
 from saga.errors import ConfigurationError
-from saga.index.sqlite import IndexInfo, SqliteSagaIndex
+
+# The index's modules are imported where they are used: the other commands of the CLI
+# (`saga coordinator` first) do not load them.
+if TYPE_CHECKING:
+    from saga.index.sqlite import IndexInfo, SqliteSagaIndex
 
 __all__ = [
     "DEFAULT_INDEX",
@@ -79,6 +83,8 @@ def index_path(given: str | os.PathLike[str] | None) -> Path:
 
 
 def _writer(args: argparse.Namespace) -> SqliteSagaIndex:
+    from saga.index.sqlite import SqliteSagaIndex
+
     try:
         return SqliteSagaIndex(index_path(args.db), prefix=args.prefix)
     except ConfigurationError as exc:
@@ -133,6 +139,8 @@ def _bad_lines(info: IndexInfo) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from saga.index.sqlite import SqliteSagaIndex
+
     path = index_path(args.db)
     try:
         with SqliteSagaIndex(path, readonly=True) as index:
@@ -231,6 +239,8 @@ def open_fresh(given: str | None, prefix: str, *, disabled: bool = False) -> Fre
 
 
 def _unfit(path: Path, prefix: str) -> str | tuple[SqliteSagaIndex, float, int]:
+    from saga.index.sqlite import SqliteSagaIndex
+
     try:
         index = SqliteSagaIndex(path, readonly=True)
     except ConfigurationError as exc:

@@ -16,10 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from saga.cli.common import CliError, definitions, out
-from saga.core.policy import PolicyError, check_policy, valid_name
 from saga.errors import UsageError
 from saga.runtime.trust import Keyring, TrustError, load_policy, new_key
 
@@ -132,6 +129,8 @@ def _load_keyring(path: Path) -> Keyring:
 
 
 def _new_key(args: argparse.Namespace) -> int:
+    from saga.core.policy import valid_name
+
     if not valid_name(args.principal):
         raise CliError(
             f"{args.principal!r} is not a valid principal: use letters, digits and . _ - @"
@@ -183,6 +182,8 @@ def _new_key(args: argparse.Namespace) -> int:
 
 
 def _list_keys(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     path = _keyring_path(args)
     ring = _load_keyring(path)
     rows = [
@@ -225,6 +226,8 @@ def _remove_key(args: argparse.Namespace) -> int:
 
 
 def _check_policy(args: argparse.Namespace) -> int:
+    from saga.core.policy import PolicyError, check_policy
+
     ring = _load_keyring(_keyring_path(args))
     try:
         policy = load_policy(args.file)

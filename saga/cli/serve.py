@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from saga.cli.common import CliError, definitions, kafka_transport, load_app, sealed, trust
-from saga.runtime.ports import Transport
+
+if TYPE_CHECKING:
+    from saga.runtime.ports import Transport
 
 __all__ = ["add_commands"]
 

@@ -55,15 +55,21 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
-import yaml
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from saga.core.policy import valid_name
 from saga.errors import ConfigurationError, SagaError, UsageError
 from saga.runtime.ports import Headers, Outgoing, Record
+
+# `cryptography`, `yaml` and the policy's module (pydantic's models) are imported where keys
+# and keyrings are made and read: a process running unsigned (and `saga --help`, whose options
+# name this module's settings) does not load them.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "KEY_ID_HEADER",
@@ -141,6 +147,8 @@ class SigningKey:
     _names: Headers = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from saga.core.policy import valid_name
+
         for what, name in (("principal", self.principal), ("key id", self.key_id)):
             if not valid_name(name):
                 raise UsageError(f"{name!r} is not a valid {what} (letters, digits and . _ - @)")
@@ -203,6 +211,8 @@ class SigningKey:
         Raises:
             TrustError: No such file, its permissions are too open, or it is not a key file.
         """
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         path = Path(path)
         try:
             st = path.stat()
@@ -244,6 +254,8 @@ def new_key(principal: str, key_id: str | None = None) -> SigningKey:
     Raises:
         UsageError: The principal or key id is not a valid name.
     """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if key_id is None:
         today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
         key_id = f"{principal}-{today}-{secrets.token_hex(2)}"
@@ -279,6 +291,8 @@ class KeyEntry:
         Raises:
             ValueError: The key is not 32 bytes of base64.
         """
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             raw = _unb64(public_key)
         except (binascii.Error, UnicodeEncodeError):
@@ -360,6 +374,10 @@ class Keyring:
             Unauthenticated: It is unsigned, malformed, signed with an unknown key, under
                 another principal's name, or the signature does not match the record.
         """
+        # Loaded already (the keyring's keys are its objects), so this is a lookup in
+        # sys.modules: about 1 us, against some 130 us for the verification itself.
+        from cryptography.exceptions import InvalidSignature
+
         signer: bytes | None = None
         key_id: bytes | None = None
         signature: bytes | None = None
@@ -410,6 +428,8 @@ class Keyring:
 
     def dump(self) -> str:
         """The keyring file's text (YAML)."""
+        import yaml
+
         keys = {
             e.key_id: {"principal": e.principal, "public_key": e.public_key_b64}
             for e in self.entries()
@@ -437,6 +457,10 @@ class Keyring:
         Raises:
             TrustError: It is not a keyring; every bad entry is listed.
         """
+        import yaml
+
+        from saga.core.policy import valid_name
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

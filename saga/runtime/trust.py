@@ -20,9 +20,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from saga.core.policy import Policy, check_policy, parse_policy
 from saga.errors import UsageError
 from saga.runtime.signing import (
     KEY_ID_HEADER,
@@ -37,6 +36,11 @@ from saga.runtime.signing import (
     new_key,
     read_setting_file,
 )
+
+# The policy's module (pydantic's models, yaml) is imported where a policy is read or checked:
+# `saga --help`, whose options name this module's settings, does not load it.
+if TYPE_CHECKING:
+    from saga.core.policy import Policy
 
 __all__ = [
     "DEFAULT_MAX_CLOCK_SKEW",
@@ -106,6 +110,8 @@ def load_policy(path: str | Path, *, setting: str | None = None) -> Policy:
         TrustError: No such file.
         PolicyError: It is not a valid policy.
     """
+    from saga.core.policy import parse_policy
+
     source = f"{path} ({setting})" if setting else str(path)
     text = read_setting_file(Path(path), "policy", "an editor: its format is in saga.core.policy")
     return parse_policy(text, source)
@@ -356,6 +362,8 @@ def _check(
     policy: Policy | None,
     settings: Mapping[str, str],
 ) -> None:
+    from saga.core.policy import check_policy
+
     if signer is not None and keyring is not None:
         entry = keyring.get(signer.key_id)
         where = f"{settings['signing_key']}: key {signer.key_id!r} of {signer.principal!r}"

@@ -17,6 +17,7 @@ from tests.views.primitives_app import ORDER, RECEIPT, services
 
 pytestmark = pytest.mark.anyio
 
+
 def observer(spans: InMemorySpanExporter) -> OpenTelemetryObserver:
     tracer = TracerProvider(id_generator=DeterministicIds())
     tracer.add_span_processor(SimpleSpanProcessor(spans))
