@@ -27,26 +27,31 @@ BROKERS ?= 1
 # deploy/kafka_secure.py). It writes ~/.cache/saga-engine/secure/<principal>.env for clients.
 SECURE ?=
 
-.PHONY: help .venv install deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench chaos clean
+.PHONY: help .venv install deps test-deps kafka-up kafka-down jaeger-up jaeger-down lint test demo bench bench-perf bench-peers chaos clean
 
 help:
 	@echo "make install      create .venv and install the project with its dev extras"
 	@echo "make deps         fetch Kafka and build Jaeger into the user cache (once)"
+	@echo "make test-deps    deps, plus Docker Compose and Chromium for the tests"
 	@echo "make kafka-up     start Kafka on 127.0.0.1:$(KAFKA_PORT) in the background"
 	@echo "                  (BROKERS=3: a 3-broker cluster on ports $(KAFKA_PORT), +2, +4)"
 	@echo "                  (SECURE=1: SASL_SSL only, SCRAM users, ACLs; env files in"
 	@echo "                  ~/.cache/saga-engine/secure/<principal>.env)"
 	@echo "make kafka-down   stop it (the single broker, the secured one or the cluster)"
-	@echo "make jaeger-up    start Jaeger (OTLP 4317/4318, UI http://127.0.0.1:16686)"
+	@echo "make jaeger-up    start Jaeger (OTLP 4317/4318, query API http://127.0.0.1:16686)"
 	@echo "make jaeger-down  stop it"
 	@echo "make lint         ruff and mypy --strict"
 	@echo "make test         install, deps, lint, then pytest (starts its own Kafka and Jaeger)"
-	@echo "make demo         run the example services against kafka-up and jaeger-up"
+	@echo "make demo         run the example services against kafka-up and jaeger-up, with the"
+	@echo "                  console on http://127.0.0.1:8080 (CONSOLE_PORT=...)"
 	@echo "                  (SECURE=1: on kafka-up SECURE=1, every process signing as its"
 	@echo "                  principal, the policy enforced, payloads sealed; keys made once in"
 	@echo "                  ~/.cache/saga-engine/secure/demo)"
 	@echo "make chaos        the chaos suite at a larger size (CHAOS_SAGAS, CHAOS_SEED to replay)"
 	@echo "make bench        benchmarks on a throwaway Kafka and Jaeger (report: bench/REPORT.md)"
+	@echo "make bench-peers  the engine beside Temporal, Restate and DBOS (bench/results/peers.md,"
+	@echo "                  bench/peers.png)"
+	@echo "make bench-perf   only the B1-B7 suite of bench/perf (PERF_ARGS=--quick: a few minutes)"
 	@echo "make clean        remove .venv and the project's caches (not ~/.cache)"
 
 $(STAMP): pyproject.toml
@@ -59,7 +64,12 @@ $(STAMP): pyproject.toml
 deps: $(STAMP)
 	$(PY) -m deploy.kafka fetch
 	$(PY) -m deploy.jaeger build
+
+# What only the tests need besides: Docker Compose (to check deploy/docker-compose.yml; built
+# from its Go module, minutes on a fresh machine) and Debian's Chromium for the browser tests.
+test-deps: deps
 	$(PY) -m deploy.compose install
+	$(PY) -m deploy.chromium install
 
 kafka-up: $(STAMP)
 ifneq ($(SECURE),)
@@ -88,18 +98,26 @@ lint: $(STAMP)
 
 # Sequential on purpose, even under `make -j`: lint failures should stop the run before the
 # slow part, and deps must be complete before pytest's fixtures start Kafka and Jaeger.
+# Two xdist workers, each with its own lazily started servers (tests/conftest.py keeps the
+# cluster's and the secured broker's tests on one worker each).
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(MAKE) --no-print-directory deps
+	$(MAKE) --no-print-directory test-deps
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
+# The demo serves the console (saga serve) beside its processes, on CONSOLE_PORT (default
+# $SAGA_CONSOLE_PORT, else 8080); if the port is taken it says so and runs without it. `deps`
+# only: the demo needs no Docker Compose nor Chromium (those are `test-deps`).
+CONSOLE_PORT ?=
 demo: $(STAMP)
 	$(MAKE) --no-print-directory deps
 	$(MAKE) --no-print-directory kafka-up
 	$(MAKE) --no-print-directory jaeger-up
 	SAGA_KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) \
 	OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 \
-	$(PY) -m services.demo $(if $(SECURE),--secure)
+	$(PY) -m services.demo $(if $(SECURE),--secure) \
+		$(if $(CONSOLE_PORT),--console-port $(CONSOLE_PORT))
 
 # The chaos suite runs in `make test` at a small size; this runs it larger. A failing run prints
 # its seed: CHAOS_SEED=<seed> make chaos replays it.
@@ -114,15 +132,34 @@ chaos: $(STAMP)
 # minutes in all; it writes bench/results/soak.json and bench/soak.png (matplotlib: the
 # `bench` extra).
 SOAK_MINUTES ?= 10
+# Issue 12's suite (bench/perf): B1-B7 against raw aiokafka on a throwaway broker and Jaeger,
+# about 20 minutes (PERF_ARGS=--quick: 3-4); writes bench/results/perf.json and the perf region
+# of bench/REPORT.md.
+PERF_ARGS ?=
 bench: $(STAMP)
 	$(MAKE) --no-print-directory deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.perf all $(PERF_ARGS)
 	$(PY) -m bench.bench_core
 	$(PY) -m bench.bench_trust
 	$(PY) -m bench.bench_sealing
 	$(PY) -m bench.bench_engine --sagas 400 --window 50
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --window 200 --evict-after 30 \
 		--tombstone-after 60
+
+# Temporal, Restate and DBOS install themselves on the first run into ~/.cache/saga-engine/peers
+# (a venv and an npm prefix of their own, ~30 s); the engine's figures come from bench.perf on a
+# throwaway broker, in the same run. E.g. PEERS_ARGS="--only restate --seconds 5".
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	$(PY) -m deploy.kafka fetch
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.peers $(PEERS_ARGS)
+
+bench-perf: $(STAMP)
+	$(MAKE) --no-print-directory deps
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.perf all $(PERF_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

@@ -320,7 +320,8 @@ class _Cli(ServerCli[JaegerServer]):
         return [
             f"Jaeger {JAEGER_MODULE_VERSION} is up (pid {server.pid}).",
             f"OTLP: {server.otlp_http_endpoint} (HTTP), {server.otlp_grpc_endpoint} (gRPC)",
-            f"UI:   {server.query_url}    Log: {server.log_path}",
+            f"Query API: {server.query_url} (no UI: `saga serve` draws the traces)",
+            f"Log: {server.log_path}",
         ]
 
     def where(self, state: Mapping[str, object]) -> str:

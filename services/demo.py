@@ -4,7 +4,10 @@ Run ``python -m services.demo`` (``make demo`` starts Kafka and Jaeger first). I
 
 1. starts the coordinator and the location, payment, restaurant, rider and notification
    services as separate processes under a fresh topic prefix and data directory, and waits
-   until a canary order goes through all of them;
+   until a canary order goes through all of them; beside them the operators' console
+   (``saga serve``, acting as the operator) on ``--console-port`` (``SAGA_CONSOLE_PORT``,
+   default 8080), whose address it prints before the batch (if the port is taken it says so
+   and goes on without the console);
 2. places a batch of orders (``--count``, default 40) as ``order-placed`` events on the
    order topic (`services.app.order_topics`), each of which starts a saga; about a quarter of
    them fail on purpose: a declined card, a refusing restaurant, a flaky rider app and SMS
@@ -21,11 +24,16 @@ Run ``python -m services.demo`` (``make demo`` starts Kafka and Jaeger first). I
 4. prints a progress line per second, then a summary: outcomes against expectations,
    throughput, saga and per-step latencies measured from the event log, the approvals,
    confirmations and delivery windows, the ``order-completed`` and ``order-cancelled`` outcome
-   events it consumed (checked against how each saga ended), the dishes fan-out, and where to
-   look next (Jaeger, ``saga replay``); once the batch has ended it also runs one party's
-   ``catering`` (three orders, each a ``catering_order`` sub-saga) and shows its tree;
-5. stops every process it started (SIGTERM, then SIGKILL after a grace period), also on
-   Ctrl-C or an error.
+   events it consumed (checked against how each saga ended), the dishes fan-out, what the
+   console indexed (checked against the log), and where to look next (the console, the
+   traces, ``saga replay``); once the batch has ended it also runs one party's ``catering``
+   (three orders, each a ``catering_order`` sub-saga) and shows its tree;
+5. stops every process it started, the console included (SIGTERM, then SIGKILL after a grace
+   period), also on Ctrl-C or an error.
+
+Trace links (`saga.views.jaeger.trace_link`) open a Jaeger UI's page where one is given
+(``--jaeger-ui`` or ``SAGA_JAEGER_UI``), else the console's trace page, which draws the trace
+from Jaeger's query API: the locally built Jaeger has no UI.
 
 It exits with status 0 when every saga reached a final state (completed, compensated or
 stuck), 1 otherwise, 130 when interrupted.
@@ -37,7 +45,8 @@ every process signing as its own principal, the policy enforced and payloads sea
 keyring, policy and payload keys are made on the first run in
 ``~/.cache/saga-engine/secure/demo`` and reused afterwards (`services.secure.SecureSetup`), the
 prefix's ACLs are granted at start, and an ``operator.env`` there lets the ``saga`` commands
-of the summary run as the operator.
+of the summary run as the operator. The console then connects and signs as the operator and
+takes a bearer token made for the run, which the demo prints (sign in with it).
 
 The slow-restaurant order is placed once the rest of the batch is past the kitchen. A
 participant handles one polled batch of commands at a time, so a handler that stalls until its
@@ -48,6 +57,7 @@ would time out innocent orders along with itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -71,7 +81,7 @@ import anyio
 import orjson
 from anyio.abc import TaskStatus
 
-from deploy._proc import InfraError
+from deploy._proc import InfraError, PortInUseError, StartError, free_port
 from deploy.tls import write_private
 from saga import (
     SagaClient,
@@ -96,9 +106,9 @@ from saga.core.messages import (
 )
 from saga.core.replay import Replay
 from saga.runtime.ports import Record, Transport
-from saga.runtime.traceids import trace_id_for
+from saga.views.jaeger import DEFAULT_CONSOLE_URL, jaeger_ui, trace_link
 from services.app import DISHES_PARALLEL, KITCHEN_SIGNAL, order_topics
-from services.fleet import PARTICIPANTS, Fleet
+from services.fleet import PARTICIPANTS, Console, Fleet
 from services.orders import make_catering, make_order, place, submit_catering
 from services.secure import MANAGER, OPERATOR, LocalSecureBroker, SecureSetup
 
@@ -112,8 +122,8 @@ __all__ = [
     "waiting_scenarios",
 ]
 
-JAEGER_UI = os.environ.get("JAEGER_UI", "http://127.0.0.1:16686")
-"""Where `make jaeger-up` serves the Jaeger UI (``$JAEGER_UI`` overrides it)."""
+CONSOLE_PORT = 8080
+"""The console's port unless ``--console-port`` or ``SAGA_CONSOLE_PORT`` says otherwise."""
 
 SECURED_HOW = "make kafka-down && make kafka-up SECURE=1 && make demo SECURE=1"
 """How to run the demo secured, as the unsigned run says."""
@@ -316,6 +326,10 @@ class Run:
     """Order id to the decision the demo sent on its approval (``approve`` or ``reject``)."""
     catering: list[SagaState] = field(default_factory=list)
     """The party's catering saga after the batch, then its child sagas, once it ended."""
+    console: Console | None = None
+    """The console, once it answered."""
+    no_console: str = ""
+    """Why there is no console, when there is none."""
 
     @property
     def ids(self) -> list[str]:
@@ -333,8 +347,15 @@ async def _drive(run: Run) -> bool:
         manager = await stack.enter_async_context(fleet.manager())
         operator = await stack.enter_async_context(fleet.operator())
         print("waiting for the coordinator and the services (a canary order goes through) ...")
+        # The console follows the saga topics: made first (on a secured broker the operator,
+        # whom the console acts as, may not make them), so that it starts beside the canary.
+        await fleet.ensure_topics(client)
+        console = _start_console(run)
         ready = await fleet.wait_ready(client, timeout=run.args.ready_timeout)
-        print(f"all six processes serving; the canary order took {ready:.1f}s end to end\n")
+        print(f"all six processes serving; the canary order took {ready:.1f}s end to end")
+        if console is not None:
+            await _console_up(run, console)
+        print()
         run.tail = LogTail(client.transport, fleet.prefix)
         run.outcomes = OutcomeTail(client.transport, fleet.prefix)
         async with anyio.create_task_group() as tg:
@@ -362,6 +383,44 @@ async def _drive(run: Run) -> bool:
                 await _catering(run, client)
             tg.cancel_scope.cancel()
     return ended
+
+
+def _start_console(run: Run) -> Console | None:
+    """Starts the console on the chosen port, or says in one line why it cannot."""
+    port = run.args.console_port or free_port()
+    try:
+        return run.fleet.start_console(port, jaeger_ui=run.args.jaeger_ui)
+    except PortInUseError:
+        run.no_console = f"port {port} is in use"
+    except OSError as exc:
+        run.no_console = f"it could not start: {exc}"
+    print(
+        f"console: {run.no_console}; going on without it "
+        "(--console-port or SAGA_CONSOLE_PORT picks another port)"
+    )
+    return None
+
+
+async def _console_up(run: Run, console: Console, timeout: float = 60.0) -> None:
+    """Waits until the console answers, then prints where it is; if it does not, says so in
+    one line and stops it (the demo goes on without it)."""
+    try:
+        await anyio.to_thread.run_sync(console.wait_answering, timeout)
+    except StartError as exc:
+        reason = str(exc).split(". ", 1)[0].removeprefix("the console ")
+        run.no_console = f"it {reason}; see {console.process.log_path}"
+        print(f"console: {run.no_console}; going on without it")
+        console.process.stop(run.fleet.grace)
+        return
+    run.console = console
+    bar = "-" * 78
+    print(bar)
+    print(f"  CONSOLE  {console.url}/   the orders live: list, saga pages, timelines, traces")
+    if console.token is not None:
+        print(f"           sign in as the {console.principal} with the token {console.token}")
+    else:
+        print(f"           no sign-in (local development): you act as the {console.principal}")
+    print(bar)
 
 
 async def _catering(run: Run, client: SagaClient, timeout: float = 60.0) -> None:
@@ -553,6 +612,8 @@ def _summary(run: Run) -> None:
     total = len(run.plan)
     print("\n" + "=" * 78)
     print(f"SUMMARY  prefix {run.fleet.prefix}   {total} orders")
+    if run.console is not None:
+        print(f"CONSOLE  {run.console.url}/   (until the demo stops)")
     print("=" * 78)
     final = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.STUCK)
     not_ended = total - sum(counts[status] for status in final)
@@ -643,6 +704,7 @@ def _summary(run: Run) -> None:
     _waiting(run, states)
     mismatches += _fan_out(run, states)
     mismatches += _outcome_events(run, states)
+    mismatches += _console_index(run, states)
     if mismatches:
         print(f"\nWARNING: {mismatches} check(s) did not come out as expected (see above)")
     _next_steps(run, states)
@@ -789,6 +851,54 @@ def _outcome_events(run: Run, states: dict[str, SagaState]) -> int:
     return 1 if wrong else 0
 
 
+def _console_orders(console: Console) -> dict[str, str]:
+    """Every order the console's index holds, with its status (``GET /api/v1/sagas``).
+
+    Raises:
+        OSError: The console did not answer.
+    """
+    found: dict[str, str] = {}
+    cursor = ""
+    while True:
+        query = urllib.parse.urlencode(
+            {"saga_id_prefix": "order-", "limit": 500, **({"cursor": cursor} if cursor else {})}
+        )
+        page = console.get(f"/api/v1/sagas?{query}")
+        for state in page["sagas"]:
+            found[state["saga_id"]] = state["status"]
+        cursor = page.get("next_cursor") or ""
+        if not cursor:
+            return found
+
+
+def _console_index(run: Run, states: dict[str, SagaState], timeout: float = 15.0) -> int:
+    """What the console indexed, checked against the log; the problems found."""
+    console = run.console
+    if console is None:
+        print(f"\nconsole: none ({run.no_console})")
+        return 0
+    want = {i: states[i].status.value for i in run.ids if i in states}
+    deadline = time.monotonic() + timeout
+    while True:  # its index follows the log: it may be a moment behind
+        try:
+            got = _console_orders(console)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"\nconsole: {console.url} did not answer its API: {exc}")
+            return 1
+        wrong = {i for i, status in want.items() if got.get(i) != status}
+        if not wrong or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    counts = Counter(got.get(i, "missing") for i in run.ids)
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"\nconsole: {console.url}/ ({console.principal}'s view) indexed {shown}")
+    if wrong:
+        print(f"  {len(wrong)} orders not as the log has them, e.g. {sorted(wrong)[:3]}")
+        return 1
+    print(f"  all {len(want)} orders of the batch, each in the state the log shows")
+    return 0
+
+
 def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
     prefix, bootstrap = run.fleet.prefix, run.args.bootstrap_servers
     common = f"--prefix {prefix} --bootstrap-servers {bootstrap}"
@@ -797,16 +907,34 @@ def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
     compensated = [i for i, s in states.items() if s.status is SagaStatus.COMPENSATED]
     example = (stuck or compensated or list(states) or ["<saga id>"])[0]
     print("\nwhere to look next:")
+    console = run.console
+    if console is not None:
+        print(f"  console: {console.url}/  (it stops with the demo; `serve` below brings it back)")
     ui = run.args.jaeger_ui
-    print(f"  traces:  {ui}  (service 'saga-coordinator'; one trace per saga)")
-    if example != "<saga id>":
-        print(f"           {ui}/trace/{trace_id_for(example):032x}  ({example})")
+    if ui:
+        print(f"  traces:  {ui}  (service 'saga-coordinator'; one trace per saga)")
+    elif console is not None:
+        print(
+            f"  traces:  {console.url}/sagas/<saga id>/trace  (drawn from Jaeger's query API; "
+            "SAGA_JAEGER_UI links a Jaeger UI instead)"
+        )
+    else:
+        print(f"  traces:  python -m saga trace <saga id> {common}  (a waterfall in the terminal)")
+    if example != "<saga id>" and (ui or console is not None):
+        url = console.url if console is not None else None
+        print(f"           {trace_link(example, ui=ui, console=url)}  ({example})")
     if secure is not None:
         env_file = secure.directory / f"{OPERATOR}.env"
         print(f"  as the operator, first:  set -a; . {env_file}; set +a")
     print(f"  replay:  python -m saga replay {example} {common}")
     if run.catering:
-        print(f"  tree:    python -m saga status {run.catering[0].saga_id} {common}")
+        # Its trace link points at this console, wherever it listens.
+        elsewhere = (
+            f" --console-url {console.url}"
+            if console is not None and console.url != DEFAULT_CONSOLE_URL
+            else ""
+        )
+        print(f"  tree:    python -m saga status {run.catering[0].saga_id} {common}{elsewhere}")
     print(f"  list:    python -m saga list {common}")
     approver = "as the operator (an approver once escalated)" if secure is not None else "as a"
     print(
@@ -819,6 +947,16 @@ def _next_steps(run: Run, states: dict[str, SagaState]) -> None:
     )
     for saga_id in stuck:
         print(f"  stuck:   python -m saga retry {saga_id} {common}   (or: saga resolve)")
+    if console is not None:
+        auth, note = "--no-auth --as operator", "the console again"
+        if console.tokens_file is not None:
+            auth = f"--tokens {console.tokens_file}"
+            note += f"; its token is in {console.token_file}"
+        port = console.url.rsplit(":", 1)[1]
+        print(
+            f"  serve:   python -m saga serve --app services.app:sagas --port {port} "
+            f"--db {console.db} {common} {auth}   ({note})"
+        )
     print(f"  data:    {run.fleet.data_dir}   logs: {run.fleet.log_dir}")
 
 
@@ -878,7 +1016,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=180.0, help="seconds to wait for the batch to end"
     )
-    parser.add_argument("--jaeger-ui", default=JAEGER_UI, help="Jaeger UI (default: %(default)s)")
+    parser.add_argument(
+        "--jaeger-ui",
+        default=jaeger_ui(),
+        metavar="URL",
+        help="a Jaeger UI to link traces to (default: $SAGA_JAEGER_UI; the local Jaeger has "
+        "none, so without one the links open the console's trace page)",
+    )
+    parser.add_argument(
+        "--console-port",
+        type=int,
+        default=int(os.environ.get("SAGA_CONSOLE_PORT") or CONSOLE_PORT),
+        metavar="PORT",
+        help="the console's port (default: $SAGA_CONSOLE_PORT or %(default)s; 0: any free one)",
+    )
     parser.add_argument(
         "--ready-timeout", type=float, default=90.0, help="seconds to wait for the processes"
     )
@@ -953,6 +1104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet.start()
         ended = anyio.run(_drive, run)
         _summary(run)
+        if run.console is not None and sys.stdin.isatty():
+            # At a terminal, the console (and the services behind it) stay up to be looked
+            # at; a script or a test is not asked.
+            print(f"\nthe console stays up at {run.console.url}: press Enter to stop the demo")
+            with contextlib.suppress(EOFError):
+                input()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -963,7 +1120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A second Ctrl-C must not cut the shutdown short and leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("stopping the coordinator and the services ...", flush=True)
+        also = " and the console" if fleet.console is not None else ""
+        print(f"stopping the coordinator, the services{also} ...", flush=True)
         fleet.stop()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)

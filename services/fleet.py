@@ -9,6 +9,12 @@ and must not apply it twice. `Fleet.stop` asks every process to stop (SIGTERM, w
 ``saga`` command answers by finishing its batch in hand) and kills what is left after a grace
 period; it runs on exit from the ``with`` block whatever the reason.
 
+`Fleet.start_console` adds the operators' console (``saga serve``: the HTTP API, the web console
+and ``/metrics``) as one more process, acting as ``operator``: unauthenticated and unsigned on
+the plain broker (``--no-auth --as operator``), and on the secured one connected and signing as
+``operator``, for callers who present the bearer token it makes (`Console.token`). It is not
+restarted when it exits (a port taken meanwhile would make that a loop), and stops with the rest.
+
 `wait_ready` sends a canary order through the whole saga: when it completes, the coordinator and
 every service on the happy path are members of their consumer groups and serving.
 
@@ -27,17 +33,24 @@ signs as ``client``.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import anyio
+import orjson
 
-from deploy._proc import Child, stop_all
+from deploy._proc import LOOPBACK, Child, check_port_free, stop_all
+from deploy.tls import write_private
 from saga import Coordinator, SagaClient, SagaStatus, SagaTimeout, TransportError
 from saga.adapters.kafka import KafkaTransport
 from services.app import order_topics, sagas_for
@@ -45,10 +58,26 @@ from services.orders import make_order, submit
 from services.secure import CLIENT, MANAGER, OPERATOR, TRUST_ENV, SecureSetup
 from services.secure import COORDINATOR as COORDINATOR_PRINCIPAL
 
-__all__ = ["COORDINATOR", "PARTICIPANTS", "Fleet", "ManagedProcess", "ProcessExited"]
+__all__ = [
+    "CONSOLE",
+    "CONSOLE_PRINCIPAL",
+    "COORDINATOR",
+    "PARTICIPANTS",
+    "Console",
+    "Fleet",
+    "ManagedProcess",
+    "ProcessExited",
+]
 
 COORDINATOR = "saga-coordinator"
 """The coordinator's process name (and its ``OTEL_SERVICE_NAME``)."""
+
+CONSOLE = "saga-console"
+"""The console's process name (and its ``OTEL_SERVICE_NAME``)."""
+
+CONSOLE_PRINCIPAL = OPERATOR
+"""Whom the console acts as: the operator may cancel, retry and resolve any saga, and decide
+any approval (it is the escalation's target, `services.app.ESCALATE_TO`)."""
 
 PARTICIPANTS = ("location", "payment", "restaurant", "rider", "notification")
 """The services, each served by ``services.<name>:participant``."""
@@ -84,6 +113,66 @@ class ManagedProcess(Child):
     def restarts(self) -> int:
         """How often the supervisor brought it back."""
         return len(self.exit_codes)
+
+
+@dataclass(frozen=True)
+class Console:
+    """The fleet's console process and how to reach it.
+
+    Attributes:
+        url: Its address (``http://127.0.0.1:<port>``, no trailing slash).
+        principal: Whom its requests act as.
+        token: The bearer token to sign in with (secured fleets), or None when it takes
+            anyone (``--no-auth``).
+        db: Its saga index file.
+        process: The ``saga serve`` process.
+    """
+
+    url: str
+    principal: str
+    token: str | None
+    db: Path
+    process: ManagedProcess
+
+    @property
+    def tokens_file(self) -> Path | None:
+        """The tokens file it reads (the token's hash and the principal), or None."""
+        return self.db.with_name("console-tokens") if self.token is not None else None
+
+    @property
+    def token_file(self) -> Path | None:
+        """The file holding `token` (0600), or None."""
+        return self.db.with_name("console-token") if self.token is not None else None
+
+    def get(self, path: str, *, timeout: float = 5.0) -> Any:
+        """GETs ``path`` (e.g. ``/api/v1/counts``) with the token, and parses the JSON answer.
+
+        Raises:
+            OSError: It did not answer, or answered with an error status
+                (`urllib.error.HTTPError`).
+        """
+        request = urllib.request.Request(self.url + path, headers={"Accept": "application/json"})
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return orjson.loads(response.read())
+
+    def answers(self) -> bool:
+        """Whether its API answers an authenticated request (never raises)."""
+        try:
+            self.get("/api/v1/counts", timeout=2.0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def wait_answering(self, timeout: float = 60.0) -> None:
+        """Waits until its API answers.
+
+        Raises:
+            deploy._proc.StartError: It exited first, or did not answer in time; the message
+                quotes its log.
+        """
+        self.process.wait_ready(self.answers, what="the console", timeout=timeout)
 
 
 class Fleet:
@@ -125,6 +214,9 @@ class Fleet:
         self.grace = grace
         self.secure = secure
         self.processes: dict[str, ManagedProcess] = {}
+        """The supervised processes: the coordinator and the services."""
+        self.console: Console | None = None
+        """The console, once `start_console` started it."""
         self.ready_after: float | None = None
         """Seconds the canary order took, once `wait_ready` succeeded."""
         self._lock = threading.Lock()
@@ -171,7 +263,8 @@ class Fleet:
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         with self._lock:
-            stop_all(self.processes.values(), self.grace)
+            console = [self.console.process] if self.console is not None else []
+            stop_all([*self.processes.values(), *console], self.grace)
 
     def kill(self, name: str) -> None:
         """Kills one process at once (SIGKILL); the supervisor restarts it.
@@ -182,7 +275,62 @@ class Fleet:
         with self._lock:
             self.processes[name].kill()
 
+    def start_console(
+        self, port: int, *, app: str = "services.app:sagas", jaeger_ui: str | None = None
+    ) -> Console:
+        """Starts the console (``saga serve``) on ``127.0.0.1:<port>``; it comes up in the
+        background (`Console.wait_answering`). Call it once the saga topics exist
+        (`ensure_topics`): on a secured broker the operator may not create them.
+
+        Its index is ``<data_dir>/console.sqlite3``. On a secured fleet a fresh bearer token is
+        made for the operator (its hash in ``<data_dir>/console-tokens``, the token itself in
+        ``<data_dir>/console-token``, both 0600).
+
+        Args:
+            port: The port.
+            app: The definitions whose input models check starts.
+            jaeger_ui: A Jaeger UI its trace pages link out to.
+
+        Raises:
+            deploy._proc.PortInUseError: Something listens on the port already.
+        """
+        check_port_free(port, "the console")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        db = self.data_dir / "console.sqlite3"
+        args = ["serve", "--app", app, "--host", LOOPBACK, "--port", str(port), "--db", str(db)]
+        if jaeger_ui:
+            args += ["--jaeger-ui", jaeger_ui]
+        token = None
+        if self.secure is None:
+            # Unsigned, as the rest of the fleet: anyone who reaches 127.0.0.1 acts as the
+            # operator (local development).
+            args += ["--no-auth", "--as", CONSOLE_PRINCIPAL]
+        else:
+            from saga.server.auth import hash_token
+
+            token = secrets.token_urlsafe(24)
+            write_private(db.with_name("console-token"), f"{token}\n".encode())
+            line = f"{hash_token(token)} {CONSOLE_PRINCIPAL}\n"
+            write_private(db.with_name("console-tokens"), line.encode())
+            args += ["--tokens", str(db.with_name("console-tokens"))]
+        log_path = self.log_dir / f"{CONSOLE}.log"
+        proc = ManagedProcess(CONSOLE, self._argv(args), log_path, self._env(CONSOLE))
+        console = Console(f"http://{LOOPBACK}:{port}", CONSOLE_PRINCIPAL, token, db, proc)
+        with self._lock:
+            self.console = console
+            proc.start()
+        return console
+
     # -- processes ---------------------------------------------------------------------------
+
+    def _principal(self, name: str) -> str:
+        """The principal a process of the fleet connects and signs as."""
+        if name == COORDINATOR:
+            return COORDINATOR_PRINCIPAL
+        if name == CONSOLE:
+            return CONSOLE_PRINCIPAL
+        return name
 
     def _env(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -204,7 +352,7 @@ class Fleet:
             # Unsigned operation must be explicit: the saga command refuses to guess it.
             env["SAGA_UNSIGNED"] = "1"
         else:
-            env.update(self.secure.env(COORDINATOR_PRINCIPAL if name == COORDINATOR else name))
+            env.update(self.secure.env(self._principal(name)))
         # Static membership: a process restarted under its name takes its partitions back at
         # once instead of after the group's session timeout.
         env["SAGA_INSTANCE_ID"] = name
@@ -212,11 +360,21 @@ class Fleet:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
         return env
 
+    def _argv(self, args: list[str]) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "saga",
+            *args,
+            "--prefix",
+            self.prefix,
+            "--bootstrap-servers",
+            self.bootstrap,
+        ]
+
     def _spawn(self, name: str, args: list[str]) -> None:
-        argv = [sys.executable, "-m", "saga", *args, "--prefix", self.prefix]
-        argv += ["--bootstrap-servers", self.bootstrap]
         proc = self.processes.get(name) or ManagedProcess(
-            name, argv, self.log_dir / f"{name}.log", self._env(name)
+            name, self._argv(args), self.log_dir / f"{name}.log", self._env(name)
         )
         self.processes[name] = proc
         proc.start()

@@ -69,3 +69,19 @@ def jaeger() -> Iterator[JaegerServer]:
     """A Jaeger v2 with memory storage on 127.0.0.1, shared by the whole session."""
     with start_jaeger() as server:
         yield server
+
+
+# Under `make test` the suite runs on two xdist workers (`--dist loadgroup`), each with its own
+# lazily started servers. The tests of the 3-broker cluster and of the secured broker are kept
+# on one worker each, so that only one of each is started per run (a cluster is three JVMs).
+_ONE_WORKER_FIXTURES = {"kafka_cluster": "cluster", "kafka_secure": "secure"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Puts the tests that need the cluster, or the secured broker, in one xdist group each."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, group in _ONE_WORKER_FIXTURES.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

@@ -11,11 +11,14 @@ benchmarks; a program picks by constructing the one it wants.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from saga.adapters.kafka_settings import KafkaSecurity
 from saga.errors import ConfigurationError
-from saga.runtime.ports import Transport
+
+if TYPE_CHECKING:
+    from saga.adapters.kafka import KafkaTransport
+    from saga.adapters.rdkafka import RdKafkaTransport
 
 __all__ = ["CLIENTS", "Client", "client_from_env", "kafka_transport"]
 
@@ -43,7 +46,7 @@ def kafka_transport(
     security: KafkaSecurity | None = None,
     instance_id: str | None = None,
     deadline: float = 30.0,
-) -> Transport:
+) -> KafkaTransport | RdKafkaTransport:
     """The transport of ``client`` (default: `client_from_env`) on the given brokers.
 
     Raises:

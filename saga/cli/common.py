@@ -16,7 +16,7 @@ import orjson
 
 from saga.adapters.kafka_settings import ENV, KafkaSecurity, KafkaSettingsError, Mechanism
 from saga.adapters.kafka_settings import SecurityProtocol as _Protocol
-from saga.errors import SagaTimeout
+from saga.errors import ConfigurationError, SagaTimeout
 
 # What only some commands use is imported where they use it (`rich` and the text views for the
 # output, the core's models for an app): `saga coordinator` starts without them.
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from saga.adapters.kafka import KafkaTransport
+    from saga.adapters.rdkafka import RdKafkaTransport
     from saga.core.definition import SagaDefinition
     from saga.core.state import SagaState, SagaStatus
     from saga.runtime.client import SagaClient
@@ -323,22 +324,24 @@ def definitions(spec: str) -> list[SagaDefinition]:
     raise CliError(f"--app {spec!r}: expected a SagaDefinition or a list of them")
 
 
-def kafka_transport(args: argparse.Namespace) -> KafkaTransport:
-    """The Kafka transport the options point at, secured as `kafka_security` says.
+def kafka_transport(args: argparse.Namespace) -> KafkaTransport | RdKafkaTransport:
+    """The Kafka transport the options point at, secured as `kafka_security` says, on the
+    client ``$SAGA_KAFKA_CLIENT`` names (`saga.adapters.clients`: aiokafka by default).
 
     Raises:
-        CliError: The security settings are invalid, or name files that cannot be used.
+        CliError: The security settings are invalid, or name files that cannot be used, or
+            the client is unknown or not installed.
     """
-    from saga.adapters.kafka import KafkaTransport
+    from saga.adapters.clients import kafka_transport as transport_of
 
     security = kafka_security(args)
     try:
-        return KafkaTransport(
+        return transport_of(
             args.bootstrap_servers,
             security=security,
             instance_id=getattr(args, "instance_id", None),
         )
-    except KafkaSettingsError as exc:
+    except (KafkaSettingsError, ConfigurationError) as exc:
         raise CliError(f"Kafka settings: {exc}") from None
 
 

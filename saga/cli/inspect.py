@@ -8,10 +8,7 @@ import re
 from typing import Any
 
 import anyio
-from rich.console import Group
-from rich.text import Text
 
-from saga.cli import render
 from saga.cli.common import CliError, client, definitions, out, transport
 
 __all__ = ["add_commands"]
@@ -63,6 +60,18 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("trace", parents=[common], help="draw a saga's trace from Jaeger")
     p.add_argument("saga_id")
     p.add_argument("--jaeger", default=None, help="Jaeger query URL (default: $SAGA_JAEGER_URL)")
+    p.add_argument(
+        "--jaeger-ui",
+        metavar="URL",
+        help="link the trace to this Jaeger UI (default: $SAGA_JAEGER_UI; without one, to the "
+        "console's trace page)",
+    )
+    p.add_argument(
+        "--console-url",
+        metavar="URL",
+        help="the console (saga serve) the link points at without a Jaeger UI (default: "
+        "$SAGA_CONSOLE_URL, else http://127.0.0.1:8080)",
+    )
     p.set_defaults(handler=_trace)
 
     p = sub.add_parser("graph", parents=[common], help="print a definition's DAG")
@@ -95,6 +104,8 @@ def _iso_time(text: str) -> float:
 
 
 async def _replay(args: argparse.Namespace) -> int:
+    from saga.cli import render
+
     async with client(args) as c:
         events = await c.events(args.saga_id)
     data = [e.model_dump(mode="json") for e in events]
@@ -103,6 +114,7 @@ async def _replay(args: argparse.Namespace) -> int:
 
 
 async def _rebuild(args: argparse.Namespace) -> int:
+    from saga.cli import render
     from saga.runtime.ports import Topics
     from saga.views.rebuild import rebuild
 
@@ -149,6 +161,10 @@ async def _watch(args: argparse.Namespace) -> int:
 
 
 async def _trace(args: argparse.Namespace) -> int:
+    from rich.console import Group
+    from rich.text import Text
+
+    from saga.cli import render
     from saga.views import jaeger
 
     base = args.jaeger or jaeger.DEFAULT_JAEGER_URL
@@ -176,7 +192,8 @@ async def _trace(args: argparse.Namespace) -> int:
         }
         for s in spans
     ]
-    url = jaeger.trace_url(args.saga_id, base)
+    # Not the query API's own page: the locally built Jaeger answers it with a placeholder.
+    url = jaeger.trace_link(args.saga_id, ui=args.jaeger_ui, console=args.console_url)
     view = Group(Text(url), render.trace_view(spans))
     out(args, data, f"{url}\n{jaeger.waterfall(spans)}", view)
     return 0

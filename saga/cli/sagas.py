@@ -16,18 +16,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from rich.console import Group
-from rich.text import Text
 
-from saga.cli import render
 from saga.cli.common import CliError, client, out, show_final, wait_final
 from saga.cli.index import Fresh, open_fresh
 from saga.core.state import SagaState, SagaStatus, StepStatus
 from saga.errors import SagaExists
-from saga.index.port import SagaIndex, SagaQuery
-from saga.index.query import MAX_LIMIT, matches
 
+# The index (its package loads the projector and SQLite), `rich` and the text views are
+# imported by the handlers that use them: the other commands of the CLI do not load them.
 if TYPE_CHECKING:
+    from saga.index.port import SagaIndex, SagaQuery
     from saga.runtime.client import SagaClient
 
 __all__ = ["add_commands"]
@@ -52,6 +50,18 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[common], help="show a saga's state")
     p.add_argument("saga_id")
     _index_options(p)
+    p.add_argument(
+        "--jaeger-ui",
+        metavar="URL",
+        help="link the trace to this Jaeger UI (default: $SAGA_JAEGER_UI; without one, to the "
+        "console's trace page)",
+    )
+    p.add_argument(
+        "--console-url",
+        metavar="URL",
+        help="the console (saga serve) the trace link points at without a Jaeger UI (default: "
+        "$SAGA_CONSOLE_URL, else http://127.0.0.1:8080)",
+    )
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("list", parents=[common], help="list sagas")
@@ -138,6 +148,11 @@ async def _start(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from rich.console import Group
+    from rich.text import Text
+
+    from saga.cli import render
+
     fresh = _fresh(args)
     state, tree = None, []
     if fresh.index is not None:
@@ -161,9 +176,9 @@ async def _status(args: argparse.Namespace) -> int:
                     "--prefix"
                 )
             tree = await _children_of(c, state)
-    from saga.views.jaeger import trace_url
+    from saga.views.jaeger import trace_link
 
-    link = trace_url(state.saga_id)
+    link = trace_link(state.saga_id, ui=args.jaeger_ui, console=args.console_url)
     data = {
         **state.model_dump(mode="json"),
         "trace_url": link,
@@ -217,6 +232,9 @@ async def _children_of(
 
 
 async def _list(args: argparse.Namespace) -> int:
+    from saga.cli import render
+    from saga.index.query import matches
+
     query = _query(args)
     fresh = _fresh(args)
     _say(fresh.note)
@@ -240,6 +258,8 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> SagaQuery:
+    from saga.index.port import SagaQuery
+
     inputs: dict[str, Any] = {}
     for item in args.inputs:
         key, sep, raw = item.partition("=")
@@ -263,6 +283,9 @@ def _query(args: argparse.Namespace) -> SagaQuery:
 
 def _all_pages(index: SagaIndex, query: SagaQuery, limit: int | None) -> list[SagaState]:
     """The states of every page of ``query`` (of the first ``limit``, if given)."""
+    from saga.index.port import SagaQuery
+    from saga.index.query import MAX_LIMIT
+
     found: list[SagaState] = []
     cursor = None
     while True:

@@ -41,7 +41,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from saga.errors import DefinitionError, SagaError
@@ -376,6 +375,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     Raises:
         PolicyError: Every problem found, each naming its rule or section.
     """
+    import yaml  # only here: a process without a policy file need not load a YAML parser
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -220,16 +220,7 @@ async def list_sagas(
     )
 
 
-@router.get("/sagas/{saga_id}", response_model=SagaOut, summary="A saga's status")
-async def get_saga(saga_id: str, caller: Caller, service: Service) -> SagaOut:
-    """The saga's latest state (404 problem if there is no such saga)."""
-    del caller
-    state = await service.status(saga_id)
-    definition = await service.definition_for(state)
-    return SagaOut(state=_state(state), pending_approvals=pending_approvals(state, definition))
-
-
-@router.get("/sagas/{saga_id}/history", response_model=HistoryOut, summary="A saga's events")
+@router.get("/sagas/{saga_id:path}/history", response_model=HistoryOut, summary="A saga's events")
 async def get_history(saga_id: str, caller: Caller, service: Service) -> HistoryOut:
     """The saga's events in log order, each with who asked (``by``) where a request caused it."""
     del caller
@@ -258,7 +249,7 @@ async def get_lag(caller: Caller, service: Service) -> dict[str, Any]:
     }
 
 
-@router.post("/sagas/{saga_id}/cancel", status_code=202, response_model=AcceptedOut)
+@router.post("/sagas/{saga_id:path}/cancel", status_code=202, response_model=AcceptedOut)
 async def cancel_saga(
     saga_id: str, request: Request, caller: Caller, service: Service, body: ReasonIn | None = None
 ) -> AcceptedOut:
@@ -267,7 +258,7 @@ async def cancel_saga(
     return _accepted(request, a)
 
 
-@router.post("/sagas/{saga_id}/retry", status_code=202, response_model=AcceptedOut)
+@router.post("/sagas/{saga_id:path}/retry", status_code=202, response_model=AcceptedOut)
 async def retry_saga(
     saga_id: str, request: Request, caller: Caller, service: Service, body: ReasonIn | None = None
 ) -> AcceptedOut:
@@ -276,7 +267,7 @@ async def retry_saga(
     return _accepted(request, a)
 
 
-@router.post("/sagas/{saga_id}/resolve", status_code=202, response_model=AcceptedOut)
+@router.post("/sagas/{saga_id:path}/resolve", status_code=202, response_model=AcceptedOut)
 async def resolve_saga(
     saga_id: str, request: Request, caller: Caller, service: Service, body: ReasonIn | None = None
 ) -> AcceptedOut:
@@ -285,7 +276,7 @@ async def resolve_saga(
     return _accepted(request, a)
 
 
-@router.post("/sagas/{saga_id}/signal", status_code=202, response_model=AcceptedOut)
+@router.post("/sagas/{saga_id:path}/signal", status_code=202, response_model=AcceptedOut)
 async def signal_saga(
     saga_id: str, body: SignalIn, request: Request, caller: Caller, service: Service
 ) -> AcceptedOut:
@@ -294,7 +285,7 @@ async def signal_saga(
     return _accepted(request, a)
 
 
-@router.post("/sagas/{saga_id}/approve", status_code=202, response_model=AcceptedOut)
+@router.post("/sagas/{saga_id:path}/approve", status_code=202, response_model=AcceptedOut)
 async def approve_step(
     saga_id: str, body: ApprovalIn, request: Request, caller: Caller, service: Service
 ) -> AcceptedOut:
@@ -303,10 +294,21 @@ async def approve_step(
     return _accepted(request, a)
 
 
-@router.post("/sagas/{saga_id}/reject", status_code=202, response_model=AcceptedOut)
+@router.post("/sagas/{saga_id:path}/reject", status_code=202, response_model=AcceptedOut)
 async def reject_step(
     saga_id: str, body: ApprovalIn, request: Request, caller: Caller, service: Service
 ) -> AcceptedOut:
     """Rejects the saga's waiting approval step ``step``: the saga compensates."""
     a = await service.act(caller, saga_id, "reject", step=body.step, text=body.note)
     return _accepted(request, a)
+
+
+# Last of the saga routes: a sub-saga's id holds "/" (``<parent>/<step>``), so the bare
+# path would also match the suffixed ones above.
+@router.get("/sagas/{saga_id:path}", response_model=SagaOut, summary="A saga's status")
+async def get_saga(saga_id: str, caller: Caller, service: Service) -> SagaOut:
+    """The saga's latest state (404 problem if there is no such saga)."""
+    del caller
+    state = await service.status(saga_id)
+    definition = await service.definition_for(state)
+    return SagaOut(state=_state(state), pending_approvals=pending_approvals(state, definition))

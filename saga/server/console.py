@@ -322,19 +322,7 @@ async def _saga_context(request: Request, saga_id: str) -> dict[str, Any]:
     }
 
 
-@router.get("/sagas/{saga_id}", response_class=HTMLResponse)
-async def saga_page(request: Request, saga_id: str) -> Response:
-    """One saga."""
-    if _principal(request) is None:
-        return _login_redirect(request)
-    try:
-        context = await _saga_context(request, saga_id)
-    except Problem as exc:
-        return _page(request, "missing.html", {"problem": exc, "saga_id": saga_id}, exc.status)
-    return _page(request, "saga.html", context)
-
-
-@router.get("/sagas/{saga_id}/live")
+@router.get("/sagas/{saga_id:path}/live")
 async def saga_live(request: Request, saga_id: str) -> StreamingResponse:
     """The saga's ``seq`` and status whenever they change (server-sent events)."""
     if _principal(request) is None:
@@ -358,7 +346,7 @@ _EMBED_CSS = (
 )
 
 
-@router.get("/sagas/{saga_id}/timeline", response_class=HTMLResponse)
+@router.get("/sagas/{saga_id:path}/timeline", response_class=HTMLResponse)
 async def saga_timeline(request: Request, saga_id: str, embed: bool = False) -> Response:
     """The saga's timeline (`saga.views.timeline`); ``embed``: only its chart, for the saga
     page's frame (the page shows the header and the events itself)."""
@@ -386,7 +374,7 @@ def _redacted(event: dict[str, Any], redact: Any) -> dict[str, Any]:
     return event
 
 
-@router.get("/sagas/{saga_id}/trace", response_class=HTMLResponse)
+@router.get("/sagas/{saga_id:path}/trace", response_class=HTMLResponse)
 async def saga_trace(request: Request, saga_id: str) -> Response:
     """The saga's trace, drawn from Jaeger's query API."""
     if _principal(request) is None:
@@ -409,7 +397,7 @@ async def saga_trace(request: Request, saga_id: str) -> Response:
     )
 
 
-@router.post("/sagas/{saga_id}/actions/{action}")
+@router.post("/sagas/{saga_id:path}/actions/{action}")
 async def saga_action(request: Request, saga_id: str, action: str) -> Response:
     """An operator action from the saga page; redirects back to it with the outcome."""
     form = await _form(request)
@@ -475,3 +463,17 @@ async def logout(request: Request) -> Response:
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(TOKEN_COOKIE)
     return response
+
+
+# Last of the saga routes: a sub-saga's id holds "/" (``<parent>/<step>``), so the bare
+# path would also match the suffixed ones above.
+@router.get("/sagas/{saga_id:path}", response_class=HTMLResponse)
+async def saga_page(request: Request, saga_id: str) -> Response:
+    """One saga."""
+    if _principal(request) is None:
+        return _login_redirect(request)
+    try:
+        context = await _saga_context(request, saga_id)
+    except Problem as exc:
+        return _page(request, "missing.html", {"problem": exc, "saga_id": saga_id}, exc.status)
+    return _page(request, "saga.html", context)

@@ -3,6 +3,11 @@
 The local Jaeger has no web UI (see README), but its API (``/api/traces/<id>``) is complete;
 this view is what a person needs from it: which service did what, when, for how long, and
 which compensation undid which step.
+
+`trace_link` is the one page every command and the demo print for a saga's trace: the Jaeger
+UI's page where one is configured (``SAGA_JAEGER_UI``), else the console's trace page
+(``saga serve``; ``SAGA_CONSOLE_URL``), which draws the same waterfall from the query API.
+`trace_url` stays the Jaeger UI's page, for where that UI is meant.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +23,18 @@ from typing import Any
 from saga.runtime.traceids import trace_id_for
 
 __all__ = [
+    "CONSOLE_URL_ENV",
+    "DEFAULT_CONSOLE_URL",
     "DEFAULT_JAEGER_URL",
+    "JAEGER_UI_ENV",
     "TraceSpan",
     "WaterfallRow",
+    "console_trace_url",
+    "console_url",
     "fetch_trace",
+    "jaeger_ui",
     "orphans",
+    "trace_link",
     "trace_millis",
     "trace_url",
     "waterfall",
@@ -30,6 +43,13 @@ __all__ = [
 
 DEFAULT_JAEGER_URL = os.environ.get("SAGA_JAEGER_URL", "http://127.0.0.1:16686")
 """Jaeger's query address: ``SAGA_JAEGER_URL`` or the local stack's."""
+
+JAEGER_UI_ENV = "SAGA_JAEGER_UI"
+"""The variable naming a Jaeger UI to link traces to (the local Jaeger has none)."""
+CONSOLE_URL_ENV = "SAGA_CONSOLE_URL"
+"""The variable naming the console (``saga serve``) whose trace pages links point at."""
+DEFAULT_CONSOLE_URL = "http://127.0.0.1:8080"
+"""Where ``saga serve`` (and the demo's console) listens by default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +67,47 @@ class TraceSpan:
 
 
 def trace_url(saga_id: str, base: str = DEFAULT_JAEGER_URL) -> str:
-    """The Jaeger page of the saga's trace."""
+    """The Jaeger UI's page of the saga's trace (``base`` is the UI; for the page to print
+    whatever is configured, see `trace_link`)."""
     return f"{base.rstrip('/')}/trace/{trace_id_for(saga_id):032x}"
+
+
+def jaeger_ui() -> str | None:
+    """The Jaeger UI configured in ``SAGA_JAEGER_UI``, or None (read at each call, so that a
+    process's environment decides, not the one it was imported in)."""
+    return os.environ.get(JAEGER_UI_ENV, "").strip() or None
+
+
+def console_url() -> str:
+    """The console's address: ``SAGA_CONSOLE_URL``, else `DEFAULT_CONSOLE_URL`."""
+    return os.environ.get(CONSOLE_URL_ENV, "").strip() or DEFAULT_CONSOLE_URL
+
+
+def console_trace_url(saga_id: str, console: str | None = None) -> str:
+    """The console's trace page of the saga (``/sagas/<id>/trace``).
+
+    Args:
+        saga_id: The saga.
+        console: The console's address (default: `console_url`).
+    """
+    base = (console or console_url()).rstrip("/")
+    return f"{base}/sagas/{urllib.parse.quote(saga_id, safe='')}/trace"
+
+
+def trace_link(saga_id: str, *, ui: str | None = None, console: str | None = None) -> str:
+    """The page to open for the saga's trace: the Jaeger UI's when one is configured, else
+    the console's trace page (the locally built Jaeger has only the query API, whose root is a
+    placeholder page).
+
+    Args:
+        saga_id: The saga.
+        ui: A Jaeger UI (default: `jaeger_ui`, from ``SAGA_JAEGER_UI``).
+        console: The console's address, used when there is no UI (default: `console_url`).
+    """
+    ui = ui or jaeger_ui()
+    if ui:
+        return trace_url(saga_id, ui)
+    return console_trace_url(saga_id, console)
 
 
 def fetch_trace(

@@ -68,7 +68,14 @@ async def test_the_coordinator_principal_creates_produces_consumes_and_commits(
                 [Outgoing(topics.log, b"k", b"event")], {(topics.requests, 0): 1}, group
             )
     assert len(offsets) == 1
-    assert [r.value async for r in t.read(topics.log, 0)] == [b"event"]
+    # The broker writes a transaction's commit markers after the commit returns; until then
+    # a read_committed reader stops short of it (the last stable offset): poll for it.
+    found: list[bytes | None] = []
+    for _ in range(400):
+        if found := [r.value async for r in t.read(topics.log, 0)]:
+            break
+        await anyio.sleep(0.05)
+    assert found == [b"event"]
 
 
 async def test_a_service_uses_its_existing_topic_and_cannot_create_others(

@@ -324,3 +324,21 @@ async def test_retry_and_resolve_a_stuck_saga(stack: Stack) -> None:
     resumed = [e for e in history["events"] if e["type"] == "saga_resumed"]
     assert resumed
     assert resumed[0]["by"].startswith("bob")
+
+
+async def test_a_saga_whose_id_holds_a_slash_is_served(stack: Stack) -> None:
+    # A sub-saga's id is "<parent>/<step>": every route takes it whole.
+    saga_id = f"{new_id('parent')}/orders[0]"
+    async with stack.http("bob") as http:
+        await start(http, saga_id)
+        await stack.wait_for(saga_id, "completed")
+        status = await http.get(f"/api/v1/sagas/{saga_id}")
+        assert status.status_code == 200, status.text
+        assert status.json()["state"]["saga_id"] == saga_id
+        history = (await http.get(f"/api/v1/sagas/{saga_id}/history")).json()
+        assert history["saga_id"] == saga_id
+        assert history["events"][-1]["type"] == "saga_completed"
+        for page in (f"/sagas/{saga_id}", f"/sagas/{saga_id}/trace"):
+            r = await http.get(page)
+            assert r.status_code == 200, (page, r.status_code)
+            assert "orders[0]" in r.text
