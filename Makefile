@@ -144,6 +144,11 @@ bench: $(STAMP)
 	$(PY) -m bench.bench_trust
 	$(PY) -m bench.bench_sealing
 	$(PY) -m bench.bench_engine --sagas 400 --window 50
+	$(PY) -m bench.bench_rdkafka
+	$(PY) -m bench.bench_tracing
+	$(PY) -m bench.bench_rebuild
+	$(PY) -m bench.bench_index
+	$(PY) -m bench.bench_api --sagas 20 --cli-runs 5
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --window 200 --evict-after 30 \
 		--tombstone-after 60
 
