@@ -24,8 +24,10 @@ LEVELS = (50, 500, 2000)
 GUARANTEES = {
     "saga-engine": (
         "Every decision is committed in a Kafka transaction (events, commands, snapshots and the "
-        "consumed offsets together, acks=all, idempotent producers; participants reply in "
-        "transactions too): exactly-once state changes across crashes of any process. Here one "
+        "consumed offsets together, acks=all, idempotent producers): exactly-once state "
+        "changes in the coordinator across crashes; participants reply with an idempotent "
+        "producer, commit their offsets after the reply is acknowledged and answer a "
+        "redelivered command from their reply store (effectively-once). Here one "
         "broker, replication 1: Kafka acknowledges once the record is in the broker's page "
         "cache (it does not fsync per write; durability against machine loss comes from "
         "replication, which a single broker does not have)."
