@@ -34,8 +34,8 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -66,6 +66,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from saga.adapters.kafka_members import KafkaClientSettings
 from saga.adapters.kafka_settings import (
     ENV,
     ConnectionFailed,
@@ -94,7 +95,7 @@ take a millisecond or two, so 10 ms retries a few times at most; the same wait a
 failures (an unreachable broker) and is bounded by the transport's deadline there."""
 
 
-class KafkaTransport:
+class KafkaTransport(KafkaClientSettings):
     """The transport port on a Kafka cluster.
 
     Args:
@@ -131,15 +132,14 @@ class KafkaTransport:
         instance_id: str | None = None,
         session_timeout: float = 10.0,
     ) -> None:
-        if instance_id is not None and not instance_id.strip():
-            raise KafkaSettingsError("instance_id: give a name, or None for none")
-        self.bootstrap_servers = bootstrap_servers
-        self.deadline = deadline
-        self.client_id = client_id
-        self.security = security or KafkaSecurity()
-        self.instance_id = instance_id
-        self.session_timeout = session_timeout
-        self._instances: dict[str, set[str]] = {}  # group -> the instance ids open in it
+        super().__init__(
+            bootstrap_servers,
+            deadline=deadline,
+            client_id=client_id,
+            security=security,
+            instance_id=instance_id,
+            session_timeout=session_timeout,
+        )
         # Built once: one TLS context and one token provider for every client.
         self._options = self.security.aiokafka_options()
         provider = self._options.get("sasl_oauth_token_provider")
@@ -451,24 +451,6 @@ class KafkaTransport:
         with self._instance(group_id) as instance:
             async with self._member(group_id, topics, listener, instance) as member:
                 yield member
-
-    @contextmanager
-    def _instance(self, group_id: str) -> Iterator[str | None]:
-        """This transport's instance id for a new member of ``group_id``, suffixed when one is
-        open in the group already."""
-        if self.instance_id is None:
-            yield None
-            return
-        taken = self._instances.setdefault(group_id, set())
-        name, n = self.instance_id, 1
-        while name in taken:
-            n += 1
-            name = f"{self.instance_id}-{n}"
-        taken.add(name)
-        try:
-            yield name
-        finally:
-            taken.discard(name)
 
     @asynccontextmanager
     async def _member(

@@ -48,8 +48,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from functools import lru_cache, partial
 from typing import Any, TypeVar, cast
 
@@ -75,6 +75,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 
+from saga.adapters.kafka_members import KafkaClientSettings
 from saga.adapters.kafka_settings import (
     ENV,
     ConnectionFailed,
@@ -122,7 +123,7 @@ _QUIET = frozenset({KafkaError._PARTITION_EOF, KafkaError._TRANSPORT, KafkaError
 """Consumer events that are not failures: librdkafka reconnects on its own."""
 
 
-class RdKafkaTransport:
+class RdKafkaTransport(KafkaClientSettings):
     """The transport port on a Kafka cluster, with librdkafka.
 
     Takes the arguments of `saga.adapters.kafka.KafkaTransport` and means the same by them.
@@ -154,16 +155,15 @@ class RdKafkaTransport:
         instance_id: str | None = None,
         session_timeout: float = 10.0,
     ) -> None:
-        if instance_id is not None and not instance_id.strip():
-            raise KafkaSettingsError("instance_id: give a name, or None for none")
-        self.bootstrap_servers = bootstrap_servers
-        self.deadline = deadline
-        self.client_id = client_id
-        self.security = security or KafkaSecurity()
-        self.instance_id = instance_id
-        self.session_timeout = session_timeout
+        super().__init__(
+            bootstrap_servers,
+            deadline=deadline,
+            client_id=client_id,
+            security=security,
+            instance_id=instance_id,
+            session_timeout=session_timeout,
+        )
         self._common = {"bootstrap.servers": bootstrap_servers, **_security_config(self.security)}
-        self._instances: dict[str, set[str]] = {}  # group -> the instance ids open in it
         self._members: dict[str, list[_RdKafkaConsumer]] = {}  # group -> its open consumers
         self._bare_metadata: dict[str, Any] = {}  # group -> its metadata without a member
         self._partition_counts: dict[str, int] = {}
@@ -437,22 +437,6 @@ class RdKafkaTransport:
                 members.remove(member)
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline):
                     await member._close()
-
-    @contextmanager
-    def _instance(self, group_id: str) -> Iterator[str | None]:
-        if self.instance_id is None:
-            yield None
-            return
-        taken = self._instances.setdefault(group_id, set())
-        name, n = self.instance_id, 1
-        while name in taken:
-            n += 1
-            name = f"{self.instance_id}-{n}"
-        taken.add(name)
-        try:
-            yield name
-        finally:
-            taken.discard(name)
 
     def _group_metadata(self, group_id: str) -> object:
         """The metadata a transaction's offsets are sent with (called on a worker thread): the
