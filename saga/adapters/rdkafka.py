@@ -602,6 +602,10 @@ _NO_LEADER_YET = frozenset(
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.UNKNOWN_TOPIC_OR_PART,
+        # Metadata a moment behind the broker's (a topic just created, a leader just moved):
+        # the Java client retries both after refreshing its metadata.
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.FENCED_LEADER_EPOCH,
         KafkaError._TIMED_OUT,
     }
 )
