@@ -16,81 +16,26 @@ import argparse
 import functools
 import json
 import statistics
-import time
-import uuid
-from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import anyio
 
-from bench.bench_engine import DEFINITION, participants
-from saga import Coordinator, SagaStatus
+from bench import bench_engine
+from saga.adapters.clients import Client, kafka_transport
 from saga.runtime.observe import NullObserver
-from saga.runtime.ports import Transport
+
+CLIENTS: tuple[Client, ...] = ("aiokafka", "rdkafka")
+"""The transports compared (`saga.adapters.clients`), in the order each window runs them."""
 
 
-def _aiokafka(bootstrap: str) -> Transport:
-    from saga.adapters.kafka import KafkaTransport
-
-    return KafkaTransport(bootstrap)
-
-
-def _rdkafka(bootstrap: str) -> Transport:
-    from saga.adapters.rdkafka import RdKafkaTransport
-
-    return RdKafkaTransport(bootstrap)
-
-
-TRANSPORTS: dict[str, Callable[[str], Transport]] = {"aiokafka": _aiokafka, "rdkafka": _rdkafka}
-"""The transports compared, by name, each made from a bootstrap address."""
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def one_run(transport: Transport, sagas: int, window: int) -> dict[str, Any]:
-    """`bench.bench_engine.one_run`'s workload on ``transport``: ``sagas`` sagas, at most
-    ``window`` in flight; returns the figures."""
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    observer = NullObserver()
-    coordinator = Coordinator([DEFINITION], transport=transport, prefix=prefix, observer=observer)
-    async with coordinator, anyio.create_task_group() as tg:
-        for p in participants():
-            await tg.start(functools.partial(p.run, transport, prefix=prefix, observer=observer))
-        # Warm up: topics, group joins and metadata are not what we measure.
-        warm = await coordinator.start("bench", {})
-        await coordinator.wait(warm, 60)
-        limiter = anyio.Semaphore(window)
-        latencies: list[float] = []
-
-        async def one(i: int) -> None:
-            async with limiter:
-                t0 = time.perf_counter()
-                saga_id = await coordinator.start("bench", {"i": i})
-                state = await coordinator.wait(saga_id, 120)
-                assert state.status is SagaStatus.COMPLETED
-                latencies.append(time.perf_counter() - t0)
-
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        async with anyio.create_task_group() as runs:
-            for i in range(sagas):
-                runs.start_soon(one, i)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        tg.cancel_scope.cancel()
-    latencies.sort()
-    return {
-        "sagas": sagas,
-        "window": window,
-        "seconds": round(elapsed, 3),
-        "sagas_per_s": round(sagas / elapsed, 1),
-        "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
-        "latency_p99_ms": round(_quantile(latencies, 0.99) * 1000, 1),
-        "cpu_s": round(cpu, 3),
-        "cpu_ms_per_saga": round(cpu * 1000 / sagas, 3),
-        "transactions": coordinator.stats.transactions,
-    }
+def one_run(client: Client, bootstrap: str, sagas: int, window: int) -> dict[str, Any]:
+    """`bench.bench_engine.one_run`'s workload, tracing off, on ``client``'s transport."""
+    transport = kafka_transport(bootstrap, client=client)
+    run = functools.partial(
+        bench_engine.one_run, bootstrap, sagas, window, NullObserver(), transport=transport
+    )
+    return anyio.run(run)
 
 
 def main() -> None:
@@ -108,15 +53,15 @@ def main() -> None:
             from deploy.kafka import start_kafka
 
             bootstrap = stack.enter_context(start_kafka()).bootstrap_servers
-        for make in TRANSPORTS.values():  # unmeasured: the broker and each client warm up
-            anyio.run(one_run, make(bootstrap), max(50, args.sagas // 4), windows[0])
+        for client in CLIENTS:  # unmeasured: the broker and each client warm up
+            one_run(client, bootstrap, max(50, args.sagas // 4), windows[0])
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for window in windows:
             # More sagas at a larger window, so that the window is full for most of the run.
             sagas = max(args.sagas, 4 * window)
             for _ in range(args.repeat):
-                for name, make in TRANSPORTS.items():
-                    result = anyio.run(one_run, make(bootstrap), sagas, window)
+                for name in CLIENTS:
+                    result = one_run(name, bootstrap, sagas, window)
                     runs.setdefault((name, window), []).append(result)
                     print(json.dumps({"transport": name, **result}), flush=True)
         ratios = {}
